@@ -1,0 +1,89 @@
+"""The one ``custom_vjp`` helper, shared by every solution map and hypergradient rule.
+
+:func:`custom_solution` runs a forward ``solve`` and attaches a caller-supplied reverse rule
+``backward(zbar, z, theta, aux) -> thetabar``. The warm start ``z0`` never receives a
+cotangent. Every rule of the library goes through it:
+
+* :func:`implicit_backward` is the implicit function theorem over an optimality residual
+  ``r(z, theta)`` with ``r(z*(theta), theta) = 0``: since ``dz*/dtheta = -(dr/dz)^{-1} dr/dtheta``,
+  for a cotangent ``zbar`` it solves ``(dr/dz)^T u = zbar`` and returns
+  ``thetabar = -(dr/dtheta)^T u`` (one linear solve, one vector-Jacobian product of ``r``).
+* first-order rules (finite differences, penalty) supply their own ``backward``.
+
+``custom_vjp`` rules out forward mode (``jax.jvp``, ``jax.jacfwd``); use reverse mode.
+Callers must pass every differentiable value inside ``theta``: values a user function closes
+over are hoisted into ``theta`` with ``jax.closure_convert`` by the public entry points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import jax
+
+from bilevel_jax._src.tree import tree_negative, zero_cotangent
+from bilevel_jax._src.types import PyTree
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def custom_solution(solve: Callable, backward: Callable, z0: PyTree, theta: PyTree):
+    """Run ``solve(z0, theta) -> (z, aux)`` with the reverse rule ``backward``.
+
+    Args:
+      solve: ``solve(z0, theta) -> (z, aux)``. ``aux`` (diagnostics, a factorisation to reuse
+        on the backward pass) is returned as is and is not differentiated.
+      backward: ``backward(zbar, z, theta, aux) -> thetabar``, a pytree like ``theta``.
+      z0: the warm start; its cotangent is zero.
+      theta: every differentiable input.
+
+    Returns:
+      ``(z, aux)``.
+    """
+    return solve(z0, theta)
+
+
+def _fwd(solve, backward, z0, theta):
+    z, aux = solve(z0, theta)
+    return (z, aux), (z0, z, theta, aux)
+
+
+def _bwd(solve, backward, saved, cotangents):
+    z0, z, theta, aux = saved
+    zbar, _ = cotangents
+    return zero_cotangent(z0), backward(zbar, z, theta, aux)
+
+
+custom_solution.defvjp(_fwd, _bwd)
+
+
+def implicit_backward(residual: Callable, adjoint_solve: Callable) -> Callable:
+    """The implicit-function-theorem reverse rule for :func:`custom_solution`.
+
+    Args:
+      residual: ``residual(z, theta) -> r``, a pytree with the structure of ``z``, zero at the
+        solution.
+      adjoint_solve: ``adjoint_solve(vjp_z, zbar, z, theta, aux) -> u`` solving
+        ``(dr/dz)^T u = zbar``, where ``vjp_z(u) = (dr/dz)^T u`` is supplied matrix-free.
+
+    Returns:
+      ``backward(zbar, z, theta, aux) = -(dr/dtheta)^T u``.
+    """
+
+    def backward(zbar, z, theta, aux):
+        _, vjp_z = jax.vjp(lambda z_: residual(z_, theta), z)
+        u = adjoint_solve(lambda u_: vjp_z(u_)[0], zbar, z, theta, aux)
+        _, vjp_theta = jax.vjp(lambda theta_: residual(z, theta_), theta)
+        return tree_negative(vjp_theta(u)[0])
+
+    return backward
+
+
+def implicit_solution(
+    solve: Callable, residual: Callable, adjoint_solve: Callable, z0: PyTree, theta: PyTree
+):
+    """Solve ``r(z, theta) = 0`` with hypergradients from the implicit function theorem.
+
+    See :func:`custom_solution` and :func:`implicit_backward` for the arguments.
+    """
+    return custom_solution(solve, implicit_backward(residual, adjoint_solve), z0, theta)
