@@ -1,0 +1,962 @@
+"""Linear solvers for the backward pass of implicit differentiation.
+
+Implicit differentiation of a lower-level solution ``x*(θ)`` defined by an optimality
+condition ``F(x*, θ) = 0`` requires solving linear systems with the Jacobian
+``M = ∂F/∂x`` (or its transpose), usually available only through matrix-vector products.
+This module provides direct and iterative solvers for ``(M + δI) x = b``, where ``M`` is
+given by a linear function ``matvec: (n,) -> (n,)`` (typically a JVP or VJP, never
+materialised by the iterative methods), ``b`` is a flat 1-D array of shape
+``(n,)`` and ``δ = ridge >= 0`` is an optional Tikhonov regularisation. With ``ridge > 0``
+every solver returns the solution of the *regularised* system, not of ``M x = b``.
+
+Solvers:
+
+* :func:`solve_dense` / :func:`factorize` / :func:`solve_factorized`: materialise ``M`` and
+  use a Cholesky (SPD) or LU (otherwise) factorisation, ``O(n^3)``.
+* :func:`solve_cg`: conjugate gradients, ``M`` symmetric positive definite.
+* :func:`solve_minres`: MINRES (Paige & Saunders, 1975), ``M`` symmetric, possibly indefinite
+  or singular (consistent systems converge to the minimum-norm solution from ``x0 = 0``).
+* :func:`solve_gmres`: restarted GMRES, any nonsingular ``M``.
+* :func:`solve_normal_cg`: CG on the normal equations (CGLS), any ``M``.
+* :func:`solve_neumann`: truncated Neumann series (Richardson iteration).
+* :func:`linear_solve`: dispatch by ``method`` and ``structure``.
+
+All functions are pure JAX, work under :func:`jax.jit` and :func:`jax.vmap` (over ``b`` and
+over arrays closed over by ``matvec``), and return an array with the dtype of ``b``. The
+iterative methods use :func:`jax.lax.while_loop` and are therefore not reverse-mode
+differentiable themselves; they are meant to be called inside custom VJP rules.
+
+Conventions shared by the iterative solvers:
+
+* ``tol`` is a *relative* residual tolerance: iteration stops once
+  ``||b - (M + δI) x|| <= tol * ||b||`` (as estimated by the recurrence of the method).
+  ``tol=None`` selects :func:`default_tol` of the dtype of ``b`` (``1e-12`` for float64,
+  ``1e-6`` for float32).
+* ``max_iter=None`` selects :func:`default_max_iter`, i.e. ``max(10 * n, 100)`` matrix-vector
+  products.
+* ``ridge``, ``tol`` and ``max_iter`` (and ``step``/``num_terms`` of the Neumann series) may be
+  traced JAX scalars, so changing them does not trigger recompilation; Python numbers are
+  validated eagerly (``ValueError`` naming the argument).
+* Internally the system is rescaled by ``max|b_i|`` (the solution is linear in ``b``), so the
+  result does not depend on the magnitude of ``b`` and tiny or huge right-hand sides neither
+  underflow nor overflow. MINRES, GMRES and CGLS also divide the operator by
+  ``max|M b̂ + δ b̂|`` (one extra matvec), making them invariant to the scale of ``M``.
+* ``b == 0`` returns exactly zero (``x0`` is then ignored), and breakdowns are guarded so that
+  no NaN is produced by the solver itself.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsp_linalg
+from jax import lax
+
+__all__ = [
+    "DENSE_MAX_SIZE",
+    "METHODS",
+    "STRUCTURES",
+    "Factorization",
+    "default_max_iter",
+    "default_tol",
+    "factorize",
+    "linear_solve",
+    "materialize",
+    "solve_cg",
+    "solve_dense",
+    "solve_factorized",
+    "solve_gmres",
+    "solve_minres",
+    "solve_neumann",
+    "solve_normal_cg",
+]
+
+Matvec = Callable[[jax.Array], jax.Array]
+
+#: Largest system size for which ``linear_solve(method="auto")`` materialises the matrix
+#: (``n`` batched matrix-vector products, ``O(n^2)`` memory) and uses a dense
+#: factorisation (``O(n^3)`` flops). Larger systems use a matrix-free Krylov method.
+DENSE_MAX_SIZE = 1000
+
+#: Valid values of the ``structure`` argument.
+STRUCTURES = ("spd", "symmetric", "general")
+
+#: Valid values of the ``method`` argument of :func:`linear_solve`.
+METHODS = ("auto", "dense", "cholesky", "lu", "cg", "minres", "gmres", "normal_cg", "neumann")
+
+_NEUMANN_DEFAULT_TERMS = 100
+
+
+# --------------------------------------------------------------------------------------
+# Validation and shared helpers
+# --------------------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in valid:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, valid))}; got {value!r}.")
+    return value
+
+
+def _is_python_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | jax.Array)
+
+
+def _check_ridge(ridge: Any) -> None:
+    if _is_python_number(ridge) and not ridge >= 0:
+        raise ValueError(f"`ridge` must be a non-negative number; got {ridge!r}.")
+
+
+def _check_tol(tol: Any) -> None:
+    if tol is not None and _is_python_number(tol) and not tol > 0:
+        raise ValueError(f"`tol` must be a positive number or None; got {tol!r}.")
+
+
+def _check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    if isinstance(value, jax.Array):  # traced or concrete integer scalar: checked by dtype
+        if not jnp.issubdtype(value.dtype, jnp.integer) or value.ndim != 0:
+            raise ValueError(f"`{name}` must be an int or an integer scalar array; got {value!r}.")
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"`{name}` must be an int; got {value!r}.")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"`{name}` must be a {bound} int; got {value!r}.")
+
+
+def _as_rhs(b: Any) -> jax.Array:
+    """Return ``b`` as a 1-D real floating array (integers are promoted)."""
+    b = jnp.asarray(b)
+    if jnp.issubdtype(b.dtype, jnp.complexfloating):
+        raise TypeError(f"`b` must be real; got dtype {b.dtype}.")
+    if not jnp.issubdtype(b.dtype, jnp.floating):
+        b = b.astype(jnp.result_type(float))
+    if b.ndim != 1:
+        raise ValueError(f"`b` must be a flat 1-D array of shape (n,); got shape {b.shape}.")
+    return b
+
+
+def _as_x0(x0: Any, b: jax.Array) -> jax.Array | None:
+    if x0 is None:
+        return None
+    x0 = jnp.asarray(x0)
+    if x0.shape != b.shape:
+        raise ValueError(f"`x0` must have the shape of `b`, {b.shape}; got {x0.shape}.")
+    return x0.astype(b.dtype)
+
+
+def default_tol(dtype: Any) -> float:
+    """Default relative residual tolerance for a floating dtype.
+
+    Args:
+      dtype: a floating dtype.
+
+    Returns:
+      ``1e-12`` for float64 (and wider), ``1e-6`` for float32, ``10 * eps`` for narrower
+      types (float16, bfloat16).
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    if eps <= 1e-15:
+        return 1e-12
+    if eps <= 1e-6:
+        return 1e-6
+    return 10.0 * eps
+
+
+def default_max_iter(n: int) -> int:
+    """Default iteration cap (matrix-vector products) of the Krylov solvers: ``max(10 n, 100)``.
+
+    Args:
+      n: system size.
+
+    Returns:
+      The iteration cap.
+    """
+    return max(10 * int(n), 100)
+
+
+def _dot(x: jax.Array, y: jax.Array) -> jax.Array:
+    # Elementwise product + reduction: exact float32 on accelerators (no TF32 matmul path).
+    return jnp.sum(x * y)
+
+
+def _norm(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(_dot(x, x))
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den``, or 0 where ``den == 0`` (no NaN/inf, also in the untaken branch)."""
+    nonzero = den != 0
+    return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
+
+
+def _make_operator(matvec: Matvec, ridge: Any, dtype: Any, n: int) -> Matvec:
+    """Return ``x -> matvec(x) + ridge * x`` with output cast to ``dtype`` and shape checked."""
+    static_zero_ridge = _is_python_number(ridge) and ridge == 0
+
+    def operator(x: jax.Array) -> jax.Array:
+        y = jnp.asarray(matvec(x))
+        if y.shape != (n,):
+            raise ValueError(
+                f"`matvec` must map arrays of shape ({n},) to shape ({n},); got {y.shape}."
+            )
+        y = y.astype(dtype)
+        if static_zero_ridge:
+            return y
+        return y + jnp.asarray(ridge).astype(dtype) * x
+
+    return operator
+
+
+class _Prepared:
+    """Normalised problem shared by the iterative solvers."""
+
+    def __init__(self, b: jax.Array, x0: jax.Array | None, tol: Any, max_iter: Any):
+        self.n = b.shape[0]
+        self.dtype = b.dtype
+        self.tol = default_tol(b.dtype) if tol is None else tol
+        self.max_iter = default_max_iter(self.n) if max_iter is None else max_iter
+        if max_iter is not None:
+            _check_positive_int("max_iter", max_iter)
+        self.alpha = jnp.ones((), b.dtype)
+        self.b_is_zero = jnp.all(b == 0)
+        scale = jnp.max(jnp.abs(b)) if self.n else jnp.zeros((), b.dtype)
+        self.scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+        self.b = b / self.scale
+        if x0 is None:
+            self.x0 = None
+        else:
+            # b == 0: start (and hence stay) at exactly 0.
+            self.x0 = jnp.where(self.b_is_zero, jnp.zeros_like(x0), x0) / self.scale
+
+    def normalize(self, operator: Matvec) -> Matvec:
+        """Return ``operator / α`` with ``α = max|A b̂|`` (one matvec), ``b̂ = b / max|b|``.
+
+        Solving ``(A/α) x' = b̂`` and returning ``x = x'/α`` makes the recurrences invariant
+        to the scale of ``A`` as well: methods that square matrix entries (vector norms of
+        ``A v``, CGLS's ``||A p||^2``) then neither underflow nor overflow.
+        """
+        alpha = jnp.max(jnp.abs(operator(self.b)))
+        self.alpha = jnp.where((alpha > 0) & jnp.isfinite(alpha), alpha, jnp.ones_like(alpha))
+        if self.x0 is not None:
+            self.x0 = self.x0 * self.alpha
+
+        def normalized(x: jax.Array) -> jax.Array:
+            return operator(x) / self.alpha
+
+        return normalized
+
+    def initial(self, operator: Matvec) -> tuple[jax.Array, jax.Array]:
+        """Return the scaled initial iterate and residual."""
+        if self.x0 is None:
+            return jnp.zeros_like(self.b), self.b
+        return self.x0, self.b - operator(self.x0)
+
+    def finish(self, x: jax.Array) -> jax.Array:
+        """Undo the scalings, force exact zero for ``b == 0`` and cast to the dtype of ``b``."""
+        x = (x * (self.scale / self.alpha)).astype(self.dtype)
+        return jnp.where(self.b_is_zero, jnp.zeros_like(x), x)
+
+
+def _prepare(b: Any, x0: Any, tol: Any, max_iter: Any, ridge: Any):
+    _check_ridge(ridge)
+    _check_tol(tol)
+    b = _as_rhs(b)
+    x0 = _as_x0(x0, b)
+    return b, _Prepared(b, x0, tol, max_iter)
+
+
+# --------------------------------------------------------------------------------------
+# Dense solvers
+# --------------------------------------------------------------------------------------
+
+
+def materialize(matvec: Matvec, n: int, dtype: Any) -> jax.Array:
+    """Materialise a linear map as a dense matrix.
+
+    Builds ``M[:, j] = matvec(e_j)`` by vmapping ``matvec`` over the columns of the identity,
+    so that ``M @ x == matvec(x)``.
+
+    Args:
+      matvec: linear function from shape ``(n,)`` to shape ``(n,)``.
+      n: dimension.
+      dtype: dtype of the probing vectors and of the returned matrix.
+
+    Returns:
+      The ``(n, n)`` matrix of ``matvec``.
+
+    Cost: one batched application of ``matvec`` to ``n`` vectors; ``O(n^2)`` memory.
+    """
+    eye = jnp.eye(n, dtype=dtype)
+    rows = jax.vmap(matvec)(eye)  # rows[j] = matvec(e_j) = M[:, j]
+    return jnp.asarray(rows).astype(dtype).T
+
+
+@jax.tree_util.register_pytree_node_class
+class Factorization:
+    """A dense factorisation of ``M + δI``, reusable across solves (e.g. forward -> backward).
+
+    A pytree whose leaves are the factor arrays and whose static auxiliary data is ``kind``,
+    so it can be returned from :func:`jax.jit`, batched by :func:`jax.vmap` and stored as a
+    :func:`jax.custom_vjp` residual.
+
+    Attributes:
+      kind: ``"cholesky"`` (``factors = (c,)``, lower-triangular ``c`` with ``c c^T = M + δI``)
+        or ``"lu"`` (``factors = (lu, piv)`` as returned by
+        :func:`jax.scipy.linalg.lu_factor`).
+      factors: tuple of arrays.
+    """
+
+    KINDS = ("cholesky", "lu")
+
+    def __init__(self, kind: str, factors: tuple[Any, ...]):
+        """Store ``kind`` (static) and ``factors`` (pytree leaves) without validation."""
+        self.kind = kind
+        self.factors = tuple(factors)
+
+    def tree_flatten(self):
+        """Return ``(factors, kind)``."""
+        return self.factors, self.kind
+
+    @classmethod
+    def tree_unflatten(cls, kind, factors):
+        """Rebuild from ``kind`` and ``factors``."""
+        return cls(kind, tuple(factors))
+
+    def __repr__(self) -> str:
+        """Show the kind and the factor shapes."""
+        shapes = ", ".join(str(getattr(f, "shape", f)) for f in self.factors)
+        return f"Factorization(kind={self.kind!r}, factors=({shapes}))"
+
+
+def factorize(matrix: Any, *, structure: str = "general", ridge: Any = 0.0) -> Factorization:
+    """Factorise the dense matrix ``M + δI``.
+
+    Args:
+      matrix: square array ``M`` of shape ``(n, n)``.
+      structure: ``"spd"`` uses a Cholesky factorisation (requires ``M + δI`` symmetric
+        positive definite, otherwise the factors contain NaN); ``"symmetric"`` and
+        ``"general"`` use LU with partial pivoting (requires ``M + δI`` nonsingular).
+      ridge: ``δ >= 0`` added to the diagonal.
+
+    Returns:
+      A :class:`Factorization`.
+
+    Raises:
+      ValueError: on an invalid ``structure``, a negative ``ridge`` or a non-square matrix.
+
+    Cost: ``n^3 / 3`` (Cholesky) or ``2 n^3 / 3`` (LU) flops.
+    """
+    _check_choice("structure", structure, STRUCTURES)
+    _check_ridge(ridge)
+    matrix = jnp.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"`matrix` must be square of shape (n, n); got {matrix.shape}.")
+    if not jnp.issubdtype(matrix.dtype, jnp.inexact):
+        matrix = matrix.astype(jnp.result_type(float))
+    if not (_is_python_number(ridge) and ridge == 0):
+        matrix = matrix + jnp.asarray(ridge).astype(matrix.dtype) * jnp.eye(
+            matrix.shape[0], dtype=matrix.dtype
+        )
+    if structure == "spd":
+        c, _ = jsp_linalg.cho_factor(matrix, lower=True)
+        return Factorization("cholesky", (c,))
+    lu, piv = jsp_linalg.lu_factor(matrix)
+    return Factorization("lu", (lu, piv))
+
+
+def solve_factorized(factorization: Factorization, b: Any, *, transpose: bool = False) -> jax.Array:
+    """Solve ``A x = b`` (or ``A^T x = b``) with a precomputed factorisation of ``A = M + δI``.
+
+    Args:
+      factorization: result of :func:`factorize`.
+      b: right-hand side of shape ``(n,)``.
+      transpose: solve with ``A^T`` instead of ``A`` (no-op for Cholesky, ``A`` symmetric).
+
+    Returns:
+      ``x`` with the dtype of ``b``; exactly 0 if ``b == 0``.
+
+    Cost: ``O(n^2)`` (two triangular solves).
+    """
+    b = _as_rhs(b)
+    kind = factorization.kind
+    if kind == "cholesky":
+        (c,) = factorization.factors
+        dtype = jnp.result_type(c, b)
+        x = jsp_linalg.cho_solve((c, True), b.astype(dtype))
+    elif kind == "lu":
+        lu, piv = factorization.factors
+        dtype = jnp.result_type(lu, b)
+        x = jsp_linalg.lu_solve((lu, piv), b.astype(dtype), trans=1 if transpose else 0)
+    else:
+        raise ValueError(
+            f"`factorization.kind` must be one of {Factorization.KINDS}; got {kind!r}."
+        )
+    x = x.astype(b.dtype)
+    return jnp.where(jnp.all(b == 0), jnp.zeros_like(x), x)
+
+
+def solve_dense(
+    matvec: Matvec, b: Any, *, structure: str = "general", ridge: Any = 0.0
+) -> jax.Array:
+    """Solve ``(M + δI) x = b`` by materialising ``M`` and factorising it.
+
+    Args:
+      matvec: linear map ``x -> M x`` on shape ``(n,)``.
+      b: right-hand side of shape ``(n,)``.
+      structure: ``"spd"`` (Cholesky), ``"symmetric"`` or ``"general"`` (LU with partial
+        pivoting). See :func:`factorize`.
+      ridge: ``δ >= 0``.
+
+    Returns:
+      ``x`` with the dtype of ``b``.
+
+    Cost: ``n`` batched matvecs (:func:`materialize`) plus ``O(n^3)`` flops, ``O(n^2)`` memory.
+    """
+    _check_choice("structure", structure, STRUCTURES)
+    _check_ridge(ridge)
+    b = _as_rhs(b)
+    n = b.shape[0]
+    if n == 0:
+        return b
+    operator = _make_operator(matvec, 0.0, b.dtype, n)
+    matrix = materialize(operator, n, b.dtype)
+    return solve_factorized(factorize(matrix, structure=structure, ridge=ridge), b)
+
+
+# --------------------------------------------------------------------------------------
+# Krylov solvers
+# --------------------------------------------------------------------------------------
+
+
+def solve_cg(
+    matvec: Matvec,
+    b: Any,
+    *,
+    x0: Any = None,
+    tol: Any = None,
+    max_iter: int | None = None,
+    ridge: Any = 0.0,
+) -> jax.Array:
+    """Conjugate gradients for ``(M + δI) x = b`` with ``M + δI`` symmetric positive definite.
+
+    Hestenes–Stiefel CG: ``α_k = r_k·r_k / p_k·A p_k``, ``x_{k+1} = x_k + α_k p_k``,
+    ``r_{k+1} = r_k - α_k A p_k``, ``p_{k+1} = r_{k+1} + (r_{k+1}·r_{k+1} / r_k·r_k) p_k``.
+    The error decreases in the ``A``-norm at rate ``(√κ - 1)/(√κ + 1)`` per iteration.
+
+    Args:
+      matvec: linear map ``x -> M x``; ``M`` must be symmetric, ``M + δI`` positive definite.
+      b: right-hand side of shape ``(n,)``.
+      x0: initial guess (default 0).
+      tol: relative residual tolerance, stop when ``||r_k|| <= tol ||b||`` (recursive
+        residual). Default :func:`default_tol`.
+      max_iter: maximum number of iterations (one matvec each). Default
+        :func:`default_max_iter`.
+      ridge: ``δ >= 0``.
+
+    Returns:
+      Approximate solution with the dtype of ``b``.
+
+    Cost: one matvec and ``O(n)`` work per iteration, ``O(n)`` memory.
+    """
+    b, prob = _prepare(b, x0, tol, max_iter, ridge)
+    if prob.n == 0:
+        return b
+    operator = _make_operator(matvec, ridge, prob.dtype, prob.n)
+    x, r = prob.initial(operator)
+    thresh2 = (prob.tol * _norm(prob.b)) ** 2
+    rs = _dot(r, r)
+
+    def cond(state):
+        k, _, _, _, rs, breakdown = state
+        return (k < prob.max_iter) & (rs > thresh2) & ~breakdown
+
+    def body(state):
+        k, x, r, p, rs, _ = state
+        ap = operator(p)
+        pap = _dot(p, ap)
+        alpha = _safe_div(rs, pap)
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = _dot(r, r)
+        p = r + _safe_div(rs_new, rs) * p
+        return k + 1, x, r, p, rs_new, pap == 0
+
+    state = (0, x, r, r, rs, jnp.zeros((), bool))
+    _, x, *_ = lax.while_loop(cond, body, state)
+    return prob.finish(x)
+
+
+def solve_minres(
+    matvec: Matvec,
+    b: Any,
+    *,
+    x0: Any = None,
+    tol: Any = None,
+    max_iter: int | None = None,
+    ridge: Any = 0.0,
+) -> jax.Array:
+    """MINRES for ``(M + δI) x = b`` with ``M`` symmetric, possibly indefinite or singular.
+
+    Paige & Saunders (1975), following SciPy's ``minres`` without preconditioner: the
+    Lanczos process builds an orthonormal basis ``V_k`` of the Krylov space
+    ``K_k(A, r_0)`` and a tridiagonal ``T_k``; the iterate
+    ``x_k = x_0 + V_k y_k`` minimises ``||b - A x||`` over ``x_0 + K_k``, with the
+    least-squares problem ``min ||β_1 e_1 - T_k y||`` solved by Givens rotations updated
+    one per iteration (short recurrences, three stored direction vectors).
+
+    The residual norm ``||r_k||`` is non-increasing. If ``A`` is singular but the system is
+    consistent (``b ∈ range(A)``), the iterates stay in ``x_0 + range(A)`` and converge to a
+    solution; from ``x_0 = 0`` it is the minimum-norm solution ``A^+ b``. For an
+    inconsistent system (``b`` not in ``range(A)``) the iteration stops once
+    ``||A r_k|| <= tol ||A|| ||r_k||``, at a least-squares solution (not necessarily of
+    minimum norm). Caveat, inherent to MINRES (Choi, Paige & Saunders, 2011) and shared by
+    SciPy: on inconsistent systems the iterates can diverge once the least-squares solution
+    is reached if ``tol`` is below the attainable ``||A r|| / (||A|| ||r||)`` (typically
+    ``1e-8``-``1e-10`` in float64), so pass e.g. ``tol=1e-6``, add a ``ridge``, or use
+    :func:`solve_normal_cg` for those. The iterates coincide with those of
+    :func:`scipy.sparse.linalg.minres` (only the stopping rules differ).
+
+    Args:
+      matvec: linear map ``x -> M x``; ``M`` must be symmetric.
+      b: right-hand side of shape ``(n,)``.
+      x0: initial guess (default 0).
+      tol: relative residual tolerance: stop when the MINRES residual estimate satisfies
+        ``||r_k|| <= tol ||b||``, or when ``||A r_k|| <= tol ||T_k||_F ||r_k||``
+        (inconsistent singular systems), or when ``T_k`` is numerically singular. Default
+        :func:`default_tol`.
+      max_iter: maximum number of iterations (one matvec each). Default
+        :func:`default_max_iter`.
+      ridge: ``δ >= 0``.
+
+    Returns:
+      Approximate solution with the dtype of ``b``.
+
+    Cost: one matvec and ``O(n)`` work per iteration, ``O(n)`` memory (6 vectors).
+    """
+    b, prob = _prepare(b, x0, tol, max_iter, ridge)
+    if prob.n == 0:
+        return b
+    dtype = prob.dtype
+    operator = _make_operator(matvec, ridge, dtype, prob.n)
+    operator = prob.normalize(operator)
+    eps = jnp.finfo(dtype).eps
+    x, r0 = prob.initial(operator)
+    beta1 = _norm(r0)
+    thresh = prob.tol * _norm(prob.b)
+    zero = jnp.zeros((), dtype)
+    zeros = jnp.zeros_like(prob.b)
+
+    def cond(state):
+        k, done = state[0], state[1]
+        return (k < prob.max_iter) & ~done
+
+    def body(state):
+        (k, _, x, r1, r2, beta, oldb, dbar, epsln, phibar, cs, sn, w, w2, tnorm2, gmax) = state
+        # Lanczos step: v = r2 / beta is the current basis vector, r1 the previous residual.
+        v = _safe_div(1, beta) * r2
+        y = operator(v)
+        y = y - _safe_div(beta, oldb) * r1
+        alfa = _dot(v, y)
+        y = y - _safe_div(alfa, beta) * r2
+        r1, r2 = r2, y
+        oldb, beta = beta, _norm(y)
+        # Frobenius norm of T_{k+1,k} (SciPy also adds beta_1 = ||r_0|| at k = 0, which would
+        # make the estimate depend on the scale of b; it is left out here).
+        tnorm2 = tnorm2 + alfa**2 + jnp.where(k == 0, 0, oldb**2) + beta**2
+        # Apply the previous rotation Q_{k-1} to the new column of T_k.
+        oldeps = epsln
+        delta = cs * dbar + sn * alfa
+        gbar = sn * dbar - cs * alfa
+        epsln = sn * beta
+        dbar = -cs * beta
+        # ||A r_{k-1}|| = phibar_{k-1} * root, so test2 = ||A r_{k-1}|| / (||A|| ||r_{k-1}||).
+        root = jnp.sqrt(gbar**2 + dbar**2)
+        test2 = _safe_div(root, jnp.sqrt(tnorm2))
+        # New rotation Q_k eliminating beta_{k+1}.
+        gamma = jnp.sqrt(gbar**2 + beta**2)
+        gmax = jnp.maximum(gmax, gamma)
+        # Stop *without* taking step k when x_{k-1} already solves the least-squares problem
+        # (test2 <= tol: r_{k-1} is numerically in the null space of A, the system is
+        # inconsistent), or when T_k is numerically singular (gamma_k <= 10 eps max gamma,
+        # SciPy's `Acond >= 0.1/eps` test: an exhausted Krylov space of an inconsistent
+        # singular system), where the step would divide by ~0. Since gamma_k is bounded below
+        # by the smallest singular value of A on the Krylov space, consistent systems with
+        # condition number below ~min(1/tol, 0.1/eps) never trigger this.
+        stop_before = (test2 <= prob.tol) | (gamma <= 10 * eps * gmax)
+        gamma = jnp.where(gamma > 0, gamma, 1)  # relative guard above; no absolute floor
+        cs = gbar / gamma
+        sn = beta / gamma
+        phi = jnp.where(stop_before, 0, cs * phibar)
+        phibar = jnp.where(stop_before, phibar, sn * phibar)
+        # Update the direction vectors and the solution.
+        w1, w2 = w2, w
+        w = (v - oldeps * w1 - delta * w2) / gamma
+        x = x + phi * w
+        done = (phibar <= thresh) | stop_before
+        return (
+            k + 1,
+            done,
+            x,
+            r1,
+            r2,
+            beta,
+            oldb,
+            dbar,
+            epsln,
+            phibar,
+            cs,
+            sn,
+            w,
+            w2,
+            tnorm2,
+            gmax,
+        )
+
+    state = (
+        0,
+        beta1 <= thresh,
+        x,
+        zeros,  # r1 (the term beta/oldb * r1 vanishes at the first step since oldb = 0)
+        r0,  # r2
+        beta1,
+        zero,  # oldb
+        zero,  # dbar
+        zero,  # epsln
+        beta1,  # phibar
+        -jnp.ones((), dtype),  # cs
+        zero,  # sn
+        zeros,  # w
+        zeros,  # w2
+        zero,  # tnorm2
+        zero,  # gmax
+    )
+    x = lax.while_loop(cond, body, state)[2]
+    return prob.finish(x)
+
+
+def solve_gmres(
+    matvec: Matvec,
+    b: Any,
+    *,
+    x0: Any = None,
+    tol: Any = None,
+    max_iter: int | None = None,
+    restart: int = 50,
+    ridge: Any = 0.0,
+) -> jax.Array:
+    """Restarted GMRES(m) for ``(M + δI) x = b`` with a general (nonsymmetric) ``M``.
+
+    Each cycle runs the Arnoldi process from the current residual ``r`` (classical
+    Gram–Schmidt with reorthogonalisation, "twice is enough"), building an orthonormal basis
+    ``V_k`` of ``K_k(A, r)`` and a Hessenberg ``H_k`` with ``A V_k = V_{k+1} H_k``, and
+    reduces ``H_k`` to triangular form by Givens rotations updated once per step, so that the
+    least-squares residual ``min_y ||β e_1 - H_k y|| = ||b - A x_k||`` is known at every step
+    (early termination inside a cycle). After at most ``m = min(restart, n)`` steps,
+    ``x <- x + V_k y_k`` and the true residual is recomputed; the method restarts until the
+    tolerance, the iteration budget or stagnation (no decrease of the true residual over a
+    cycle; the iterate of that cycle is then discarded, so the returned residual is never
+    larger than the initial one) is reached. Without restarts (``restart >= n``) GMRES
+    terminates in at most ``n`` steps in exact arithmetic for any nonsingular ``A``.
+
+    Args:
+      matvec: linear map ``x -> M x``; ``M + δI`` should be nonsingular.
+      b: right-hand side of shape ``(n,)``.
+      x0: initial guess (default 0).
+      tol: relative residual tolerance, ``||r|| <= tol ||b||``. Default :func:`default_tol`.
+      max_iter: maximum total number of Arnoldi steps (one matvec each; every cycle costs one
+        extra matvec for the true residual). Default :func:`default_max_iter`.
+      restart: Krylov dimension ``m`` per cycle (capped at ``n``).
+      ridge: ``δ >= 0``.
+
+    Returns:
+      Approximate solution with the dtype of ``b``.
+
+    Cost: one matvec and ``O(k n)`` work at Arnoldi step ``k``; ``O(m n)`` memory.
+    """
+    _check_positive_int("restart", restart)
+    b, prob = _prepare(b, x0, tol, max_iter, ridge)
+    if prob.n == 0:
+        return b
+    n, dtype = prob.n, prob.dtype
+    operator = _make_operator(matvec, ridge, dtype, n)
+    operator = prob.normalize(operator)
+    m = min(restart, n)
+    eps = jnp.finfo(dtype).eps
+    hi = lax.Precision.HIGHEST
+    x, r = prob.initial(operator)
+    thresh = prob.tol * _norm(prob.b)
+
+    def cycle(x, r, beta, budget):
+        """One GMRES(m) cycle from ``x`` with residual ``r``; returns new ``x`` and steps."""
+        basis = jnp.zeros((m + 1, n), dtype).at[0].set(_safe_div(1, beta) * r)
+        g = jnp.zeros((m + 1,), dtype).at[0].set(beta)
+        tri = jnp.zeros((m, m), dtype)
+        cs = jnp.zeros((m,), dtype)
+        sn = jnp.zeros((m,), dtype)
+
+        def inner_cond(state):
+            k, _, _, _, _, g, _, stop = state
+            return (k < m) & (k < budget) & (jnp.abs(g[k]) > thresh) & ~stop
+
+        def inner_body(state):
+            k, basis, tri, cs, sn, g, rmax, _ = state
+            w = operator(basis[k])
+            w_norm0 = _norm(w)
+            # Rows > k of `basis` are zero, so h[j] = 0 for j > k.
+            h = jnp.matmul(basis, w, precision=hi)
+            w = w - jnp.matmul(h, basis, precision=hi)
+            h2 = jnp.matmul(basis, w, precision=hi)
+            w = w - jnp.matmul(h2, basis, precision=hi)
+            h = h + h2
+            h_next = _norm(w)
+            lucky = h_next <= eps * w_norm0  # invariant subspace: exact solution in K_{k+1}
+            basis = basis.at[k + 1].set(jnp.where(lucky, 0, _safe_div(1, h_next)) * w)
+
+            def rotate(i, h):
+                a, b_ = h[i], h[i + 1]
+                return h.at[i].set(cs[i] * a + sn[i] * b_).at[i + 1].set(cs[i] * b_ - sn[i] * a)
+
+            h = lax.fori_loop(0, k, rotate, h)
+            a = h[k]
+            rho = jnp.sqrt(a**2 + h_next**2)
+            rmax = jnp.maximum(rmax, rho)
+            # rho ~ 0: H_k numerically singular (e.g. exhausted Krylov space of a singular
+            # system). Drop this column (x stays the minimiser over K_k) and end the cycle.
+            singular = rho <= 10 * eps * rmax
+            c = _safe_div(a, rho)
+            s = _safe_div(h_next, rho)
+            h = h.at[k].set(rho)
+            keep = ~singular
+            tri = jnp.where(keep, tri.at[:, k].set(h[:m]), tri)
+            cs = jnp.where(keep, cs.at[k].set(c), cs)
+            sn = jnp.where(keep, sn.at[k].set(s), sn)
+            gk = g[k]
+            g = jnp.where(keep, g.at[k].set(c * gk).at[k + 1].set(-s * gk), g)
+            return k + keep.astype(k.dtype), basis, tri, cs, sn, g, rmax, lucky | singular
+
+        zero = jnp.zeros((), dtype)
+        state = (jnp.zeros((), int), basis, tri, cs, sn, g, zero, jnp.zeros((), bool))
+        k, basis, tri, _, _, g, _, _ = lax.while_loop(inner_cond, inner_body, state)
+        # Solve the leading k x k triangular system; pad the rest with the identity.
+        active = jnp.arange(m) < k
+        diag = jnp.diagonal(tri)
+        diag = jnp.where(active & (diag != 0), diag, 1)
+        tri = tri.at[jnp.arange(m), jnp.arange(m)].set(diag)
+        y = jsp_linalg.solve_triangular(tri, jnp.where(active, g[:m], 0), lower=False)
+        return x + jnp.matmul(y, basis[:m], precision=hi), k
+
+    def outer_cond(state):
+        total, _, _, beta, stalled = state
+        return (total < prob.max_iter) & (beta > thresh) & ~stalled
+
+    def outer_body(state):
+        total, x, r, beta, _ = state
+        x_new, k = cycle(x, r, beta, prob.max_iter - total)
+        k = jnp.maximum(k, 1)  # a cycle costs at least one matvec (counts for the budget)
+        r_new = prob.b - operator(x_new)
+        beta_new = _norm(r_new)
+        # No decrease of the true residual over a whole cycle (stagnation, or a breakdown
+        # on a singular system): keep the previous iterate and stop.
+        stalled = beta_new >= beta
+        x, r, beta = (
+            jnp.where(stalled, old, new) for old, new in ((x, x_new), (r, r_new), (beta, beta_new))
+        )
+        return total + k, x, r, beta, stalled
+
+    state = (0, x, r, _norm(r), jnp.zeros((), bool))
+    x = lax.while_loop(outer_cond, outer_body, state)[1]
+    return prob.finish(x)
+
+
+def solve_normal_cg(
+    matvec: Matvec,
+    b: Any,
+    *,
+    x0: Any = None,
+    tol: Any = None,
+    max_iter: int | None = None,
+    ridge: Any = 0.0,
+) -> jax.Array:
+    """CG on the normal equations ``A^T A x = A^T b`` with ``A = M + δI`` (CGLS).
+
+    The ridge regularises the operator itself (the system solved is ``(M + δI) x = b``), it is
+    *not* added to ``A^T A``. ``A^T`` is obtained with :func:`jax.linear_transpose`, so
+    ``matvec`` must be transposable (any JAX-traceable linear function is). Uses the CGLS
+    recurrences (residual ``r = b - A x`` updated explicitly), which are numerically
+    preferable to CG on the explicitly formed ``A^T A``. Works for any nonsingular ``M`` but
+    converges with the squared condition number ``κ(A)^2``; for singular ``A`` it converges to
+    a least-squares solution (the minimum-norm one from ``x0 = 0``).
+
+    Args:
+      matvec: linear map ``x -> M x``.
+      b: right-hand side of shape ``(n,)``.
+      x0: initial guess (default 0).
+      tol: relative tolerance: stop when ``||r|| <= tol ||b||`` or
+        ``||A^T r|| <= tol ||A^T b||``. Default :func:`default_tol`.
+      max_iter: maximum number of iterations (one matvec and one transposed matvec each).
+        Default :func:`default_max_iter`.
+      ridge: ``δ >= 0``.
+
+    Returns:
+      Approximate solution with the dtype of ``b``.
+
+    Cost: two operator applications and ``O(n)`` work per iteration.
+    """
+    b, prob = _prepare(b, x0, tol, max_iter, ridge)
+    if prob.n == 0:
+        return b
+    operator = _make_operator(matvec, ridge, prob.dtype, prob.n)
+    operator = prob.normalize(operator)
+    transpose = jax.linear_transpose(operator, prob.b)
+
+    def operator_t(y):
+        return transpose(y)[0]
+
+    x, r = prob.initial(operator)
+    s = operator_t(r)
+    r_thresh2 = (prob.tol * _norm(prob.b)) ** 2
+    s_thresh2 = (prob.tol * _norm(operator_t(prob.b))) ** 2
+    gamma = _dot(s, s)
+
+    def cond(state):
+        k, _, r, _, gamma, breakdown = state
+        converged = (_dot(r, r) <= r_thresh2) | (gamma <= s_thresh2)
+        return (k < prob.max_iter) & ~converged & ~breakdown
+
+    def body(state):
+        k, x, r, p, gamma, _ = state
+        q = operator(p)
+        qq = _dot(q, q)
+        alpha = _safe_div(gamma, qq)
+        x = x + alpha * p
+        r = r - alpha * q
+        s = operator_t(r)
+        gamma_new = _dot(s, s)
+        p = s + _safe_div(gamma_new, gamma) * p
+        return k + 1, x, r, p, gamma_new, qq == 0
+
+    state = (0, x, r, s, gamma, jnp.zeros((), bool))
+    x = lax.while_loop(cond, body, state)[1]
+    return prob.finish(x)
+
+
+def solve_neumann(
+    matvec: Matvec,
+    b: Any,
+    *,
+    step: Any = 1.0,
+    num_terms: int = _NEUMANN_DEFAULT_TERMS,
+    ridge: Any = 0.0,
+) -> jax.Array:
+    """Truncated Neumann series ``x_T = η Σ_{t<T} (I - η A)^t b`` with ``A = M + δI``.
+
+    Computed as the Richardson iteration ``x_1 = η b``, ``x_{t+1} = x_t + η (b - A x_t)``
+    (``T - 1`` matvecs). Converges to ``A^{-1} b`` iff the spectral radius of ``I - η A`` is
+    below 1, e.g. for ``A`` SPD with ``0 < η < 2 / λ_max`` (``η <= 1/L`` with ``L`` the
+    Lipschitz constant of the lower-level gradient is the usual choice); the error after
+    ``T`` terms is ``(I - η A)^T A^{-1} b``. No tolerance test: exactly ``num_terms`` terms.
+
+    Args:
+      matvec: linear map ``x -> M x``.
+      b: right-hand side of shape ``(n,)``.
+      step: ``η``.
+      num_terms: number of terms ``T >= 0`` (``T = 0`` returns 0); a Python int or an
+        integer scalar array (may be traced).
+      ridge: ``δ >= 0``.
+
+    Returns:
+      ``x_T`` with the dtype of ``b``.
+
+    Cost: ``T - 1`` matvecs.
+    """
+    _check_ridge(ridge)
+    _check_positive_int("num_terms", num_terms, allow_zero=True)
+    b = _as_rhs(b)
+    n = b.shape[0]
+    if n == 0 or (isinstance(num_terms, numbers.Integral) and num_terms == 0):
+        return jnp.zeros_like(b)
+    operator = _make_operator(matvec, ridge, b.dtype, n)
+    step = jnp.asarray(step).astype(b.dtype)
+
+    def body(_, x):
+        return x + step * (b - operator(x))
+
+    x = lax.fori_loop(1, num_terms, body, step * b)
+    if isinstance(num_terms, jax.Array):
+        x = jnp.where(num_terms > 0, x, jnp.zeros_like(x))
+    return x
+
+
+# --------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------
+
+
+def linear_solve(
+    matvec: Matvec,
+    b: Any,
+    *,
+    method: str = "auto",
+    structure: str = "general",
+    ridge: Any = 0.0,
+    tol: Any = None,
+    max_iter: int | None = None,
+) -> jax.Array:
+    """Solve ``(M + δI) x = b`` with the method chosen by ``method`` and ``structure``.
+
+    ``method="auto"``: if ``n <= DENSE_MAX_SIZE`` a dense factorisation (Cholesky for
+    ``structure="spd"``, LU otherwise); else CG (``"spd"``), MINRES (``"symmetric"``) or
+    GMRES (``"general"``). ``"dense"`` factorises according to ``structure``, ``"cholesky"``
+    and ``"lu"`` force the factorisation. The other methods ignore ``structure`` (it is still
+    validated). ``"neumann"`` uses ``step=1`` and ``max_iter`` terms (default 100), ``tol`` is
+    ignored; call :func:`solve_neumann` directly to choose the step. ``tol`` and
+    ``max_iter`` are ignored by the dense methods.
+
+    Args:
+      matvec: linear map ``x -> M x`` on shape ``(n,)``.
+      b: right-hand side of shape ``(n,)``.
+      method: one of :data:`METHODS`.
+      structure: one of :data:`STRUCTURES`: ``"spd"`` (``M + δI`` symmetric positive
+        definite), ``"symmetric"`` (``M`` symmetric, possibly indefinite/singular) or
+        ``"general"``.
+      ridge: ``δ >= 0``; the solution of the regularised system is returned.
+      tol: relative residual tolerance of the iterative methods (see module docstring).
+      max_iter: iteration cap of the iterative methods.
+
+    Returns:
+      ``x`` with the dtype of ``b``.
+
+    Raises:
+      ValueError: on an invalid ``method`` or ``structure`` or a negative ``ridge``.
+    """
+    _check_choice("method", method, METHODS)
+    _check_choice("structure", structure, STRUCTURES)
+    _check_ridge(ridge)
+    _check_tol(tol)
+    if method == "auto":
+        n = jnp.shape(b)[0] if jnp.ndim(b) else 0
+        if n <= DENSE_MAX_SIZE:
+            method = "dense"
+        else:
+            method = {"spd": "cg", "symmetric": "minres", "general": "gmres"}[structure]
+    if method == "dense":
+        return solve_dense(matvec, b, structure=structure, ridge=ridge)
+    if method == "cholesky":
+        return solve_dense(matvec, b, structure="spd", ridge=ridge)
+    if method == "lu":
+        return solve_dense(matvec, b, structure="general", ridge=ridge)
+    if method == "neumann":
+        num_terms = _NEUMANN_DEFAULT_TERMS if max_iter is None else max_iter
+        return solve_neumann(matvec, b, num_terms=num_terms, ridge=ridge)
+    solver = {
+        "cg": solve_cg,
+        "minres": solve_minres,
+        "gmres": solve_gmres,
+        "normal_cg": solve_normal_cg,
+    }[method]
+    return solver(matvec, b, tol=tol, max_iter=max_iter, ridge=ridge)
