@@ -17,7 +17,7 @@ def tree_allclose(actual, expected, rtol=None, atol=None):
     leaves_a, tree_a = jax.tree_util.tree_flatten(actual)
     leaves_e, tree_e = jax.tree_util.tree_flatten(expected)
     assert tree_a == tree_e, f"structures differ: {tree_a} vs {tree_e}"
-    for a, e in zip(leaves_a, leaves_e):
+    for a, e in zip(leaves_a, leaves_e, strict=True):
         a, e = np.asarray(a), np.asarray(e)
         default_rtol, default_atol = _TOLERANCES.get(a.dtype, _TOLERANCES[np.dtype("float64")])
         np.testing.assert_allclose(
@@ -52,7 +52,6 @@ class QuadraticProblem(NamedTuple):
         return 0.5 * jnp.sum((y - self.t) ** 2) + self.c @ x
 
     def kkt(self):
-        n = self.Q.shape[0]
         if self.E is None:
             return self.Q
         m = self.E.shape[0]

@@ -7,6 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 import bilevel_jax as bj
+
 from helpers import nonquadratic_g, quadratic_problem, tree_allclose
 
 SOLVERS = ["newton", "lbfgs", "gradient"]
@@ -331,12 +332,15 @@ def test_rank_deficient_equalities():
     eq2 = lambda x: (jnp.asarray(E2), R2 @ x + r2)  # noqa: E731
     x = jnp.asarray([0.3, 0.2, 0.1])
     for solver in SOLVERS:
+
+        def F(x, solver=solver):
+            return prob.f(x, bj.argmin(prob.g, jnp.zeros(6), x, eq=eq2, solver=solver).y)
+
         sol = bj.argmin(prob.g, jnp.zeros(6), x, eq=eq2, solver=solver)
         assert int(sol.info.status) == bj.Status.RANK_DEFICIENT
         tree_allclose(sol.y, prob.solution(x)[0], rtol=1e-8, atol=1e-9)
         assert np.all(np.isfinite(sol.nu))
-        grad = jax.grad(lambda x: prob.f(x, bj.argmin(prob.g, jnp.zeros(6), x, eq=eq2,
-                                                      solver=solver).y))(x)
+        grad = jax.grad(F)(x)
         tree_allclose(grad, prob.hypergradient(x), rtol=1e-7, atol=1e-8)
 
 

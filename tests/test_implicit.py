@@ -6,6 +6,7 @@ import numpy as np
 from jax.test_util import check_grads
 
 from bilevel_jax._src.implicit import custom_solution, implicit_solution
+
 from helpers import tree_allclose
 
 

@@ -40,7 +40,9 @@ from bilevel_jax._src.types import Array, PyTree, Solution, Status, check_info, 
 
 SOLVERS = ("auto", "newton", "lbfgs", "gradient")
 HYPERGRADS = ("implicit", "finite_difference", "unrolled")
-LINEAR_SOLVERS = ("auto", "cholesky", "cg", "neumann", "dense", "lu", "minres", "gmres", "normal_cg")
+LINEAR_SOLVERS = (
+    "auto", "cholesky", "cg", "neumann", "dense", "lu", "minres", "gmres", "normal_cg"
+)
 #: Largest flattened ``y`` for which ``solver="auto"`` uses dense Newton.
 NEWTON_MAX_SIZE = 500
 _REDUCED_METHODS = ("auto", "cholesky", "cg", "neumann")
