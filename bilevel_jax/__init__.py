@@ -9,6 +9,7 @@ Do not import from ``bilevel_jax._src``: it may change without notice.
 from importlib.metadata import PackageNotFoundError, version
 
 from bilevel_jax._src.argmin import argmin as argmin
+from bilevel_jax._src.smoothing import perturb_linear as perturb_linear
 from bilevel_jax._src.types import Info as Info
 from bilevel_jax._src.types import Solution as Solution
 from bilevel_jax._src.types import SolveError as SolveError
@@ -25,4 +26,5 @@ __all__ = [
     "SolveError",
     "Status",
     "argmin",
+    "perturb_linear",
 ]

@@ -34,12 +34,13 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import linear_solve as ls
+from bilevel_jax._src.constrained import Inequalities, interior_point, masked_residual
 from bilevel_jax._src.implicit import custom_solution, implicit_solution
 from bilevel_jax._src.tree import is_inexact, tree_all_finite, tree_scale
 from bilevel_jax._src.types import Array, PyTree, Solution, Status, check_info, make_info
 
-SOLVERS = ("auto", "newton", "lbfgs", "gradient")
-HYPERGRADS = ("implicit", "finite_difference", "unrolled")
+SOLVERS = ("auto", "newton", "lbfgs", "gradient", "interior_point")
+HYPERGRADS = ("implicit", "penalty", "finite_difference", "unrolled")
 LINEAR_SOLVERS = (
     "auto", "cholesky", "cg", "neumann", "dense", "lu", "minres", "gmres", "normal_cg"
 )
@@ -86,33 +87,79 @@ def _project(affine, z):
 
 
 class _Problem(NamedTuple):
-    """The lower level on flat ``y``: objective and constraints as functions of ``params``."""
+    """The lower level on flat ``y``; each field a function of the differentiable ``params``.
+
+    ``z = (y, nu, lam)`` throughout, with ``nu`` / ``lam`` of size 0 when absent.
+    """
 
     objective: Callable  # (y_flat, params) -> scalar
-    constraints: Callable | None  # params -> (A, b)
+    equalities: Callable | None = None  # params -> (A, b)
+    inequalities_fn: Callable | None = None  # params -> (G, h)
+    box: Callable | None = None  # params -> (lo, hi), flat (box-only lower levels)
 
-    def affine(self, params) -> AffineSet | None:
-        if self.constraints is None:
+    def affine(self, params, extra=None) -> AffineSet | None:
+        """The equality constraints, with ``extra = (G_I, h_I)`` rows appended if given."""
+        rows = [] if self.equalities is None else [self.equalities(params)]
+        rows += [] if extra is None else [extra]
+        if not rows:
             return None
-        A, b = self.constraints(params)
+        A = jnp.concatenate([r[0] for r in rows])
+        b = jnp.concatenate([r[1] for r in rows])
         return AffineSet(A, b, jnp.linalg.pinv(A))
 
-    def residual(self, z, params):
-        """KKT residual ``[grad g + A^T nu; A y - b]`` for ``z = (y, nu)``."""
-        y, nu = z
-        grad = jax.grad(self.objective)(y, params)
-        if self.constraints is None:
-            return grad, nu
-        A, b = self.constraints(params)
-        return grad + A.T @ nu, A @ y - b
+    def inequalities(self, params) -> Inequalities | None:
+        if self.inequalities_fn is None:
+            return None
+        return Inequalities.create(*self.inequalities_fn(params))
 
-    def lagrangian(self, y, nu, params):
-        """``g(y) + nu^T (A y - b)``."""
+    def free_mask(self, y, params):
+        """Box lower levels: 1 on free coordinates, 0 on strictly active bounds."""
+        lo, hi = self.box(params)
+        grad = jax.grad(self.objective)(y, params)
+        margin = jnp.sqrt(jnp.finfo(y.dtype).eps) * (1 + jnp.max(jnp.abs(grad)))
+        active = ((y <= lo) & (grad > margin)) | ((y >= hi) & (grad < -margin))
+        return jax.lax.stop_gradient(1 - active.astype(y.dtype))
+
+    def residual(self, z, params):
+        """The optimality residual: masked KKT, or the masked gradient for boxes."""
+        y, nu, lam = z
+        grad = jax.grad(self.objective)(y, params)
+        if self.box is not None:
+            lo, hi = self.box(params)
+            m = self.free_mask(y, params)
+            return m * grad + (1 - m) * (y - jnp.where(y <= lo, lo, hi)), nu, lam
+        A, b = (None, None) if self.equalities is None else self.equalities(params)
+        ineq = self.inequalities(params)
+        if ineq is None:
+            primal = jnp.zeros((0,), y.dtype) if A is None else A @ y - b
+            return grad + (0 if A is None else A.T @ nu), primal, lam
+        return masked_residual(grad, y, nu, lam, A, b, ineq)
+
+    def lagrangian(self, y, nu, lam, params):
+        """``g + nu^T (A y - b) + lam^T (G y - h)``."""
         value = self.objective(y, params)
-        if self.constraints is None:
-            return value
-        A, b = self.constraints(params)
-        return value + nu @ (A @ y - b)
+        if self.equalities is not None:
+            A, b = self.equalities(params)
+            value = value + nu @ (A @ y - b)
+        ineq = self.inequalities(params)
+        if ineq is not None:
+            value = value + lam @ (ineq.G @ y - ineq.h)
+        return value
+
+    def multipliers(self, y, lam, params):
+        """Least-squares ``(nu, lam)`` on the equalities and the active rows (§2.4)."""
+        ineq = self.inequalities(params)
+        m_eq = 0 if self.equalities is None else self.equalities(params)[0].shape[0]
+        extra = None
+        if ineq is not None:
+            m = ineq.active(y, lam)
+            extra = (m[:, None] * ineq.G, m * ineq.h)
+        affine = self.affine(params, extra)
+        if affine is None:
+            return jnp.zeros((0,), y.dtype), lam
+        mult = affine.multipliers(jax.grad(self.objective)(y, params))
+        nu = mult[:m_eq]
+        return nu, (lam if ineq is None else mult[m_eq:] * m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,26 +249,29 @@ def _lbfgs(fun, y0, affine, tol, max_iter):
     return y0 + _tangent(affine, z), k, res, res <= threshold, None
 
 
-def _gradient(fun, y0, affine, tol, max_iter):
+def _gradient(fun, y0, project, tol, max_iter):
     """Accelerated projected gradient (FISTA) with adaptive step and gradient restart.
 
-    The step ``1/L`` adapts to the local curvature ``||grad(y+) - grad(x)|| / ||y+ - x||``
-    (no function values, so rounding near the solution cannot stall it); momentum restarts
-    when the gradient mapping points against it (O'Donoghue and Candes, 2015).
+    ``project`` maps onto the feasible set (the affine set, or a box). The residual is the
+    gradient mapping ``||y - project(y - grad g(y))||``. The step ``1/L`` adapts to the local
+    curvature ``||grad(y+) - grad(x)|| / ||y+ - x||`` (no function values, so rounding near
+    the solution cannot stall it); momentum restarts when the step points against it
+    (O'Donoghue and Candes, 2015).
     """
-
-    def pgrad(y):
-        return _tangent(affine, jax.grad(fun)(y))
-
+    grad_fn = jax.grad(fun)
     tiny = jnp.finfo(y0.dtype).tiny
-    threshold = tol * (1 + jnp.linalg.norm(pgrad(y0)))
+
+    def mapping(y):
+        return jnp.linalg.norm(y - project(y - grad_fn(y)))
+
+    threshold = tol * (1 + mapping(y0))
 
     def step(x, lip):
-        grad = pgrad(x)
+        grad = grad_fn(x)
 
         def curvature(y_new):
             d = y_new - x
-            return jnp.linalg.norm(pgrad(y_new) - grad) / jnp.maximum(jnp.linalg.norm(d), tiny)
+            return jnp.linalg.norm(grad_fn(y_new) - grad) / jnp.maximum(jnp.linalg.norm(d), tiny)
 
         def cond(state):
             lip_, y_new = state
@@ -230,9 +280,9 @@ def _gradient(fun, y0, affine, tol, max_iter):
         def body(state):
             lip_, y_new = state
             lip_ = 2 * jnp.maximum(lip_, curvature(y_new))
-            return lip_, x - grad / lip_
+            return lip_, project(x - grad / lip_)
 
-        return jax.lax.while_loop(cond, body, (lip, x - grad / lip))
+        return jax.lax.while_loop(cond, body, (lip, project(x - grad / lip)))
 
     def cond(state):
         k, _, _, _, _, res = state
@@ -245,23 +295,30 @@ def _gradient(fun, y0, affine, tol, max_iter):
         restart = (x - y_new) @ (y_new - y) > 0
         x_new = jnp.where(restart, y_new, y_new + ((t - 1) / t_new) * (y_new - y))
         t_new = jnp.where(restart, jnp.ones_like(t), t_new)
-        return k + 1, y_new, x_new, t_new, 0.9 * lip, jnp.linalg.norm(pgrad(y_new))
+        return k + 1, y_new, x_new, t_new, 0.9 * lip, mapping(y_new)
 
     one = jnp.ones((), y0.dtype)
-    state = (jnp.asarray(0), y0, y0, one, one, jnp.linalg.norm(pgrad(y0)))
+    state = (jnp.asarray(0), y0, y0, one, one, mapping(y0))
     k, y, _, _, _, res = jax.lax.while_loop(cond, body, state)
     return y, k, res, res <= threshold, None
 
 
-_FORWARD = {"newton": _newton, "lbfgs": _lbfgs, "gradient": _gradient}
+_FORWARD = {
+    "newton": _newton,
+    "lbfgs": _lbfgs,
+    "gradient": lambda fun, y0, affine, tol, max_iter: _gradient(
+        fun, y0, lambda z: _project(affine, z), tol, max_iter
+    ),
+}
 
 
 # --------------------------------------------------------------------------------------------
 # Unrolled solvers: a fixed-length scan of differentiable steps.
 
 
-def _unrolled(fun, y0, affine, tol, max_iter, solver):
+def _unrolled(fun, y0, affine, tol, max_iter, solver, project=None):
     """Run exactly ``max_iter`` differentiable steps (Newton or projected gradient)."""
+    project = project or (lambda z: _project(affine, z))
     n = y0.shape[0]
     if solver == "newton":
         ts = 0.5 ** jnp.arange(30, dtype=y0.dtype)
@@ -290,14 +347,16 @@ def _unrolled(fun, y0, affine, tol, max_iter, solver):
         def step(carry, _):
             y, y_prev, k = carry
             x = y + (k - 1) / (k + 2) * (y - y_prev)
-            return (x - _tangent(affine, jax.grad(fun)(x)) / lip, y, k + 1), None
+            return (project(x - jax.grad(fun)(x) / lip), y, k + 1), None
 
     init = y0 if solver == "newton" else (y0, y0, jnp.ones((), y0.dtype))
     out, _ = jax.lax.scan(step, init, None, length=max_iter)
     y = out if solver == "newton" else out[0]
-    res = jnp.linalg.norm(_tangent(affine, jax.grad(fun)(y)))
-    threshold = tol * (1 + jnp.linalg.norm(_tangent(affine, jax.grad(fun)(y0))))
-    return y, max_iter, res, res <= threshold
+    def mapping(y):
+        return jnp.linalg.norm(y - project(y - jax.grad(fun)(y)))
+
+    res = mapping(y)
+    return y, max_iter, res, res <= tol * (1 + mapping(y0))
 
 
 def _lipschitz_estimate(fun, y, affine, num_iter=50):
@@ -319,57 +378,161 @@ def _lipschitz_estimate(fun, y, affine, num_iter=50):
 
 
 # --------------------------------------------------------------------------------------------
-# The implicit rule's adjoint solve.
+# The implicit rule's adjoint solves.
 
 
-def _adjoint_solve(method: str, ridge: float, tol: float | None, max_iter: int | None):
-    """Build ``adjoint_solve(vjp_z, zbar, z, params, aux)`` for the KKT residual."""
+def kkt_adjoint(hvp, v, nubar, affine, fact, method, tol=None, max_iter=None):
+    """Solve ``[H A^T; A 0] [w; mu] = [v; nubar]`` in null-space form (SPD reduced system).
+
+    With ``P = I - A^+ A``: ``w = w_R + w_N``, ``w_R = A^+ nubar``,
+    ``(P H P + I - P) w_N = P (v - H w_R)`` and ``mu = (A^+)^T (v - H w)``. Rank-deficient
+    ``A`` is allowed (minimum-norm ``mu``). ``fact``, a factorisation of the reduced matrix
+    from the forward pass, is reused when given.
+    """
+    if affine is None:
+        if fact is not None:
+            return ls.solve_factorized(fact, v), None
+        return _reduced_solve(hvp, v, v, method, tol, max_iter), None
+    w_r = affine.pinv @ nubar
+    rhs = affine.tangent(v - hvp(w_r))
+
+    def reduced(w):
+        pw = affine.tangent(w)
+        return affine.tangent(hvp(pw)) + (w - pw)
+
+    w_n = ls.solve_factorized(fact, rhs) if fact is not None else _reduced_solve(
+        reduced, rhs, v, method, tol, max_iter
+    )
+    w = w_r + w_n
+    return w, -affine.multipliers(v - hvp(w))
+
+
+def _reduced_solve(matvec, rhs, like, method, tol, max_iter):
+    if method == "neumann":
+        step = 1.0 / _lipschitz_estimate(lambda w: 0.5 * w @ matvec(w), like, None)
+        return ls.solve_neumann(matvec, rhs, step=step, num_terms=max_iter or 1000)
+    return ls.linear_solve(matvec, rhs, method=method, structure="spd", tol=tol, max_iter=max_iter)
+
+
+def _adjoint_solve(problem, method: str, ridge: float):
+    """Build ``adjoint_solve(vjp_z, zbar, z, params, aux)`` for ``z = (y, nu, lam)``."""
 
     def adjoint_solve(vjp_z, zbar, z, params, aux):
-        _, affine, fact = aux
-        v, nubar = zbar
-        y = z[0]
-        zeros_nu = jnp.zeros_like(z[1])
+        y, nu, lam = z
+        v, nubar, lambar = zbar
 
         def hvp(w):
-            return vjp_z((w, zeros_nu))[0] + ridge * w
+            return vjp_z((w, jnp.zeros_like(nu), jnp.zeros_like(lam)))[0] + ridge * w
 
+        if problem.box is not None:
+            # r = m grad g + (1 - m)(y - bound): solve H_FF u_F = v_F, then the bound rows.
+            m = problem.free_mask(y, params)
+            u_f = _reduced_solve(
+                lambda w: m * hvp(m * w) + (1 - m) * w, m * v, v, method, None, None
+            )
+            return u_f + (1 - m) * (v - hvp(u_f)), nubar, lambar
         if method not in _REDUCED_METHODS:
-            # The full symmetric KKT system [H + ridge I, A^T; A, 0].
-            flat, unflat = ravel_pytree((v, nubar))
+            # The full symmetric (quasi-definite on inactive rows) KKT system.
+            flat, unflat = ravel_pytree(zbar)
 
             def kkt(u):
-                w, mu = unflat(u)
-                Kw, Kmu = vjp_z((w, mu))
-                return ravel_pytree((Kw + ridge * w, Kmu))[0]
+                w = unflat(u)[0]
+                return ravel_pytree(jax.tree_util.tree_map(jnp.add, vjp_z(unflat(u)), (
+                    ridge * w, jnp.zeros_like(nu), jnp.zeros_like(lam))))[0]
 
-            u = ls.linear_solve(kkt, flat, method=method, structure="symmetric", tol=tol,
-                                max_iter=max_iter)
-            return unflat(u)
-
-        w_r = jnp.zeros_like(v) if affine is None else affine.pinv @ nubar
-        rhs = _tangent(affine, v - hvp(w_r)) if affine is not None else v
-
-        def reduced(w):
-            if affine is None:
-                return hvp(w)
-            pw = affine.tangent(w)
-            return affine.tangent(hvp(pw)) + (w - pw)
-
-        if method == "auto" and fact is not None and ridge == 0.0:
-            w_n = ls.solve_factorized(fact, rhs)
-        elif method == "neumann":
-            step = 1.0 / _lipschitz_estimate(lambda w: 0.5 * w @ reduced(w), y, None)
-            w_n = ls.solve_neumann(reduced, rhs, step=step, num_terms=max_iter or 1000)
-        else:
-            w_n = ls.linear_solve(
-                reduced, rhs, method=method, structure="spd", tol=tol, max_iter=max_iter
-            )
-        w = w_r + w_n
-        mu = zeros_nu if affine is None else -affine.multipliers(v - hvp(w))
-        return w, mu
+            return unflat(ls.linear_solve(kkt, flat, method=method, structure="symmetric"))
+        fact = aux[1] if ridge == 0.0 and method == "auto" else None
+        ineq = problem.inequalities(params)
+        if ineq is None:
+            w, mu = kkt_adjoint(hvp, v, nubar, problem.affine(params), fact, method)
+            return w, jnp.zeros_like(nu) if mu is None else mu, lambar
+        # Active inequality rows join the equalities; inactive rows: mu_i = -lambar_i.
+        m = ineq.active(y, lam)
+        affine = problem.affine(params, extra=(m[:, None] * ineq.G, m * ineq.h))
+        w, mu = kkt_adjoint(hvp, v, jnp.concatenate([nubar, m * lambar]), affine, None, method)
+        mu_eq, mu_in = mu[: nu.shape[0]], mu[nu.shape[0]:]
+        return w, mu_eq, m * mu_in - (1 - m) * lambar
 
     return adjoint_solve
+
+
+# --------------------------------------------------------------------------------------------
+# First-order (Hessian-free) rules.
+
+
+def _finite_difference_backward(problem, solver, delta, tol, max_iter):
+    """ALGORITHMS.md §1.6: ``[grad_theta l(y_d, nu_d) - grad_theta l(y*, nu*)] / delta``.
+
+    ``(y_d, nu_d)`` solves the lower level with ``g + delta <v, y>`` (``v = ybar / |ybar|``);
+    by the envelope theorem the difference quotient tends to ``v^T Dy*`` with error
+    ``O(delta)``, and is exact when ``g`` is quadratic with ``grad_theta g`` affine in ``y``.
+    """
+
+    def backward(zbar, y, params, aux):
+        scale = jnp.linalg.norm(zbar)
+        direction = zbar / jnp.where(scale > 0, scale, 1)
+        affine = problem.affine(params)
+        nu = problem.multipliers(y, None, params)[0]
+        perturbed = lambda yf: problem.objective(yf, params) + delta * direction @ yf  # noqa: E731
+        y_d = _FORWARD[solver](perturbed, y, affine, tol, max_iter)[0]
+        nu_d = None if affine is None else affine.multipliers(jax.grad(perturbed)(y_d))
+
+        def gap(p):
+            return problem.lagrangian(y_d, nu_d, None, p) - problem.lagrangian(y, nu, None, p)
+
+        return tree_scale(scale / delta, jax.grad(gap, allow_int=True)(params))
+
+    return backward
+
+
+def _penalty_backward(problem, alpha, tol, max_iter):
+    """The F2CBA penalty oracle as a VJP (ALGORITHMS.md §1.5, Kornowski et al.).
+
+    With ``(y*, nu*, lam*)`` and the active rows ``c_I(y) = [A y - b; G_I y - h_I]`` held
+    fixed, for ``v = ybar / |ybar|`` solve the *unconstrained* problem
+
+        y_a = argmin_y  alpha^2 v^T y + l(y) + alpha^-2/2 ||c_I(y)||^2
+
+    and return ``|ybar| d/dtheta [ alpha^-2 (l(y_a) - l(y*)) + alpha^-4/2 ||c_I(y_a)||^2 ]``
+    (``l`` the Lagrangian). Error ``O(alpha)``, ``O(alpha^2)`` for quadratic lower levels.
+    The unknown is ``d = y_a - y*`` and ``c_I(y_a) = C_I d`` (``c_I(y*) = 0``), which avoids
+    the cancellation of ``c_I(y_a) ~ alpha^4`` in floating point; with ``alpha`` below about
+    ``1e-3`` in float64 rounding still dominates, so the default is ``1e-3``.
+    """
+
+    def backward(zbar, y, params, aux):
+        scale = jnp.linalg.norm(zbar)
+        direction = zbar / jnp.where(scale > 0, scale, 1)
+        nu, lam = problem.multipliers(y, aux[1], params)
+        ineq = problem.inequalities(params)
+        m = None if ineq is None else ineq.active(y, lam)
+
+        def active_rows(yf, p, shift=True):
+            rows = []
+            if problem.equalities is not None:
+                A, b = problem.equalities(p)
+                rows.append(A @ yf - (b if shift else 0))
+            if m is not None:
+                ineq_p = problem.inequalities(p)
+                rows.append(m * (ineq_p.G @ yf - (ineq_p.h if shift else 0)))
+            return jnp.concatenate(rows) if rows else jnp.zeros((0,), yf.dtype)
+
+        def penalised(d):
+            c = active_rows(d, params, shift=False)
+            return (alpha**2 * direction @ d + problem.lagrangian(y + d, nu, lam, params)
+                    + 0.5 / alpha**2 * (c @ c))
+
+        solver = "newton" if y.shape[0] <= NEWTON_MAX_SIZE else "lbfgs"
+        d = _FORWARD[solver](penalised, jnp.zeros_like(y), None, tol, max_iter)[0]
+        c = active_rows(d, params, shift=False)
+
+        def oracle(p):
+            gap = problem.lagrangian(y + d, nu, lam, p) - problem.lagrangian(y, nu, lam, p)
+            return gap / alpha**2 + (c @ active_rows(y + d, p)) / alpha**4
+
+        return tree_scale(scale, jax.grad(oracle, allow_int=True)(params))
+
+    return backward
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,6 +545,8 @@ def argmin(
     theta: PyTree,
     *,
     eq: Callable | None = None,
+    ineq: Callable | None = None,
+    box: Callable | None = None,
     solver: str = "auto",
     hypergrad: str = "implicit",
     linear_solver: str = "auto",
@@ -389,62 +554,82 @@ def argmin(
     max_iter: int | None = None,
     ridge: float = 0.0,
     delta: float = 1e-4,
+    alpha: float = 1e-3,
     throw: bool = False,
 ) -> Solution:
-    r"""Minimise a smooth strongly convex ``g(y, theta)`` over ``y``, optionally on ``A y = b``.
+    r"""Minimise a smooth strongly convex ``g(y, theta)`` subject to linear constraints.
 
     Solves the lower level
 
-    .. math:: y^*(\theta) = \arg\min_y g(y, \theta) \quad \text{s.t.} \quad A(\theta) y = b(\theta)
+    .. math:: y^*(\theta) = \arg\min_y g(y, \theta) \ \text{s.t.}\ A y = b,\ G y \le h,
+              \ lo \le y \le hi
 
-    and makes ``y*`` (and the multipliers ``nu*``) differentiable in reverse mode with respect
-    to ``theta`` and to every array that ``g`` or ``eq`` close over. The KKT conditions are
-    ``grad_y g + A^T nu = 0`` and ``A y = b``; the implicit rule solves the transposed KKT system
-    ``[H A^T; A 0] [w; mu] = [ybar; nubar]`` (``H`` the Hessian of ``g`` in ``y``) and returns
-    ``thetabar = -d/dtheta (w^T (grad_y g + A^T nu) + mu^T (A y - b))``.
+    (every constraint optional, each possibly depending on ``theta``) and makes ``y*`` and the
+    multipliers ``nu*``, ``lam*`` differentiable in reverse mode with respect to ``theta`` and
+    to every array that ``g``, ``eq``, ``ineq`` or ``box`` close over. The KKT conditions are
+    ``grad_y g + A^T nu + G^T lam = 0``, ``A y = b``, ``0 <= lam _|_ h - G y >= 0``.
 
-    Assumptions: ``g`` is twice differentiable and strongly convex in ``y`` (on ``null(A)``);
-    the constraints are consistent. Linearly dependent rows of ``A`` are allowed: the solution
-    is still unique, ``info.status`` says ``RANK_DEFICIENT`` and ``nu`` is the minimum-norm
-    multiplier (the ``"finite_difference"`` and ``"unrolled"`` rules then need full row rank
-    to differentiate ``nu``). An inconsistent ``A y = b`` gives ``INFEASIBLE``; an iteration
-    limit gives ``MAX_STEPS`` with the residual reached; an ``inf``/``nan`` input or iterate
-    gives ``NONFINITE``.
+    The implicit rule differentiates the KKT system on the active set (rows with
+    ``lam_i > 10 (h_i - G_i y)``; weakly active rows, ``lam_i = 0``, count as inactive, which
+    gives the one-sided derivative along directions that leave them): it solves
+    ``[H A_I^T; A_I 0] [w; mu] = [ybar; nubar_I]`` (``H`` the Hessian of ``g``, ``A_I`` the
+    equality and active rows) and returns ``thetabar = -d/dtheta <(w, mu), r(y*, nu*, lam*)>``
+    with ``r`` the masked KKT residual (ALGORITHMS.md §1.0–§1.3). Dependent active rows are
+    allowed (minimum-norm ``mu``). For ``box`` constraints the rule is matrix-free:
+    ``H_FF u_F = ybar_F`` on the free coordinates by CG with masked Hessian-vector products.
 
-    Cost: Newton forms the ``n x n`` Hessian (use it for ``n`` up to a few thousand); L-BFGS
-    and the gradient method use gradients only and the implicit rule then uses Hessian-vector
-    products (CG). Under ``jax.vmap`` a ``while_loop`` runs until the slowest member of the
-    batch has converged; ``hypergrad="unrolled"`` runs exactly ``max_iter`` steps.
+    Assumptions: ``g`` twice differentiable and strongly convex in ``y`` (on ``null(A)``);
+    constraints consistent. Failures are reported in ``info.status``: ``INFEASIBLE``
+    (inconsistent ``A y = b``), ``MAX_STEPS`` (with the residual reached), ``NONFINITE``
+    (``inf``/``nan`` input or iterate), ``RANK_DEFICIENT`` (dependent rows in ``A``: ``y`` is
+    still unique and ``nu`` is the minimum-norm multiplier). ``+inf`` in ``h`` (or infinite
+    box bounds) means "no constraint".
+
+    Cost: Newton and the interior point form the ``n x n`` Hessian (``n`` up to a few
+    thousand); L-BFGS and the projected gradient method use gradients only and the implicit
+    rule then uses Hessian-vector products (CG), which scales to ``10^6`` variables for box
+    constraints. Under ``jax.vmap`` a ``while_loop`` runs until the slowest member of the batch
+    has converged; ``hypergrad="unrolled"`` runs exactly ``max_iter`` steps instead.
 
     Args:
       g: ``g(y, theta) -> scalar``. May close over arrays (network parameters, data): they
         receive gradients too (closure conversion).
       y0: warm start, a pytree of float arrays. Receives no gradient.
       theta: the parameters, any pytree.
-      eq: optional ``eq(theta) -> (A, b)`` with ``A`` of shape ``(m, n)`` acting on the
-        flattened ``y`` (``jax.flatten_util.ravel_pytree`` order) and ``b`` of shape ``(m,)``.
-      solver: ``"newton"`` (dense, with Armijo line search), ``"lbfgs"`` (optax),
-        ``"gradient"`` (accelerated projected gradient) or ``"auto"`` (Newton when
-        ``n <= NEWTON_MAX_SIZE`` (500), else L-BFGS; for ``"unrolled"``, else ``"gradient"``).
-      hypergrad: ``"implicit"`` (exact KKT), ``"finite_difference"`` (first-order and
-        Hessian-free: one extra solve of ``g + delta <ybar, y>``, error ``O(delta)``, exact for
-        quadratic ``g``) or ``"unrolled"`` (differentiate ``max_iter`` solver steps).
-      linear_solver: the backward solve of the implicit rule. ``"auto"`` reuses Newton's
-        Cholesky factorisation, else factorises densely when ``n <= 1000``, else CG;
-        ``"cholesky"``, ``"cg"`` and ``"neumann"`` solve the null-space reduced SPD system;
-        ``"dense"``, ``"lu"``, ``"minres"``, ``"gmres"`` and ``"normal_cg"`` solve the full
-        symmetric KKT system (which is singular if ``A`` is rank-deficient).
+      eq: ``eq(theta) -> (A, b)``, ``A`` of shape ``(m, n)`` acting on the flattened ``y``
+        (``jax.flatten_util.ravel_pytree`` order), ``b`` of shape ``(m,)``.
+      ineq: ``ineq(theta) -> (G, h)``, ``G`` of shape ``(k, n)``, ``h`` of shape ``(k,)``.
+      box: ``box(theta) -> (lo, hi)``, each a scalar or a pytree like ``y0``; infinite bounds
+        allowed. Alone, it is handled matrix-free; with ``eq`` or ``ineq`` it becomes rows of
+        ``G``.
+      solver: ``"newton"`` (dense, Armijo line search), ``"lbfgs"`` (optax), ``"gradient"``
+        (accelerated projected gradient), ``"interior_point"`` (primal-dual, dense; the only
+        one for ``ineq``) or ``"auto"``: interior point with ``ineq``, projected gradient with
+        ``box`` alone, else Newton when ``n <= 500`` and L-BFGS above (``"gradient"`` when
+        unrolled).
+      hypergrad: ``"implicit"`` (exact KKT on the active set); ``"penalty"`` (first-order,
+        Hessian-free F2CBA oracle: one unconstrained solve per VJP, error ``O(alpha)``,
+        ``O(alpha^2)`` for quadratic ``g``; ``eq``/``ineq``); ``"finite_difference"``
+        (first-order, one extra solve of ``g + delta <ybar, y>``, error ``O(delta)``, exact for
+        quadratic ``g``; unconstrained or ``eq`` only); ``"unrolled"`` (differentiate
+        ``max_iter`` Newton or projected-gradient steps; not with ``ineq``).
+      linear_solver: the implicit rule's backward solve. ``"auto"`` reuses Newton's Cholesky
+        factor, else factorises densely when ``n <= 1000``, else CG; ``"cholesky"``, ``"cg"``
+        and ``"neumann"`` solve the reduced SPD system; ``"dense"``, ``"lu"``, ``"minres"``,
+        ``"gmres"`` and ``"normal_cg"`` solve the full symmetric KKT system (singular when the
+        active rows are dependent).
       tol: relative tolerance on the KKT residual (default 1e-10 in float64, 1e-5 in float32).
-      max_iter: iteration limit (default 100 Newton, 2000 L-BFGS, 10000 gradient steps;
-        unrolled: 20 Newton or 500 gradient steps).
-      ridge: ``ridge >= 0`` added to the Hessian in the backward solve; the result is then the
+      max_iter: iteration limit (defaults: 100 Newton, 2000 L-BFGS, 10000 gradient, 200
+        interior point; unrolled: 20 Newton or 500 gradient steps).
+      ridge: ``ridge >= 0`` added to the Hessian in the backward solve: the result is then the
         hypergradient of the lower level with ``g + ridge/2 ||y||^2`` linearised at ``y*``.
-      delta: perturbation size of the ``"finite_difference"`` rule.
+      delta: perturbation of the ``"finite_difference"`` rule.
+      alpha: accuracy parameter of the ``"penalty"`` rule.
       throw: raise :class:`SolveError` if the status is not ``SUCCESS``.
 
     Returns:
-      A :class:`Solution` ``(y, nu, lam, info)``; ``nu`` is ``None`` without ``eq`` and
-      ``lam`` is ``None`` (no inequality constraints).
+      A :class:`Solution` ``(y, nu, lam, info)``: ``nu`` is ``None`` without ``eq``, ``lam``
+      is ``None`` without ``ineq`` (box multipliers are not returned).
 
     Raises:
       ValueError, TypeError: at trace time, for bad options or shapes (naming the argument).
@@ -458,123 +643,222 @@ def argmin(
       ...     return 0.5 * jnp.sum((X @ y - t) ** 2) + 0.5 * lam * y @ y
       >>> sol = bj.argmin(g, jnp.zeros(2), 1.0)
       >>> dy = jax.grad(lambda lam: bj.argmin(g, jnp.zeros(2), lam).y.sum())(1.0)
+      >>> nonneg = bj.argmin(g, jnp.zeros(2), 1.0, box=lambda lam: (0.0, jnp.inf))
 
     References:
-      Kornowski, Padmanabhan, Wang, Zhang, Sra. First-Order Methods for Linearly Constrained
-      Bilevel Optimization. NeurIPS 2024 (the finite-difference rule).
+      Khanduri et al. Linearly Constrained Bilevel Optimization: A Smoothed Implicit Gradient
+      Approach. ICML 2023 (the active-set rule). Kornowski, Padmanabhan, Wang, Zhang, Sra.
+      First-Order Methods for Linearly Constrained Bilevel Optimization. NeurIPS 2024 (the
+      penalty and finite-difference rules).
     """
     _check_option("solver", solver, SOLVERS)
     _check_option("hypergrad", hypergrad, HYPERGRADS)
     _check_option("linear_solver", linear_solver, LINEAR_SOLVERS)
-    if tol is not None and not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}.")
+    for name, value in (("tol", tol), ("delta", delta), ("alpha", alpha)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}.")
     if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}.")
     if not ridge >= 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}.")
-    if not delta > 0:
-        raise ValueError(f"delta must be positive, got {delta}.")
 
     y0_flat, unravel = _flatten_y0(y0)
     n, dtype = y0_flat.shape[0], y0_flat.dtype
     _check_objective(g, y0, theta)
-    if solver == "auto":
-        solver = "newton" if n <= NEWTON_MAX_SIZE else "lbfgs"
-        if hypergrad == "unrolled" and solver == "lbfgs":
-            solver = "gradient"
-    if hypergrad == "unrolled" and solver == "lbfgs":
-        raise ValueError(
-            "solver='lbfgs' cannot be unrolled (its line search is a while_loop); use "
-            "solver='newton' or 'gradient' with hypergrad='unrolled'."
-        )
+    box_only = box is not None and eq is None and ineq is None
+    solver = _choose_solver(solver, hypergrad, n, eq, ineq, box, box_only)
     tol = default_tol(dtype) if tol is None else tol
     if max_iter is None:
         if hypergrad == "unrolled":
             max_iter = 20 if solver == "newton" else 500
         else:
-            max_iter = {"newton": 100, "lbfgs": 2000, "gradient": 10000}[solver]
+            max_iter = {"newton": 100, "lbfgs": 2000, "gradient": 10000,
+                        "interior_point": 200}[solver]
 
+    # Closure conversion: arrays the user functions close over become differentiable inputs.
     g_conv, g_consts = jax.closure_convert(g, y0, theta)
-    constraints = None
-    eq_consts = ()
-    if eq is not None:
-        A, b = _check_eq(eq, theta, n)
-        eq_conv, eq_consts = jax.closure_convert(eq, theta)
-        constraints = lambda p: tuple(jnp.asarray(a, dtype) for a in eq_conv(p[0], *p[2]))  # noqa: E731
-    problem = _Problem(lambda yf, p: g_conv(unravel(yf), p[0], *p[1]), constraints)
-    params = (theta, tuple(g_consts), tuple(eq_consts))
+    fns = {"eq": eq, "ineq": ineq, "box": box}
+    converted, consts = {}, {}
+    for name, fn in fns.items():
+        if fn is not None:
+            converted[name], consts[name] = jax.closure_convert(fn, theta)
+    params = (theta, tuple(g_consts), {k: tuple(v) for k, v in consts.items()})
+
+    def call(name):
+        def fn(p):
+            return tuple(jnp.asarray(a, dtype) for a in converted[name](p[0], *p[2][name]))
+        return fn
+
+    m_eq = _check_rows("eq", eq, theta, n, "A", "b") if eq is not None else 0
+    k_in = _check_rows("ineq", ineq, theta, n, "G", "h") if ineq is not None else 0
+    equalities = call("eq") if eq is not None else None
+    inequalities = call("ineq") if ineq is not None else None
+    box_fn = None
+    if box is not None:
+        bounds = _box_bounds(box, theta, y0, unravel)
+
+        def box_fn(p):
+            return bounds(converted["box"](p[0], *p[2]["box"]))
+
+        if not box_only:  # box rows join G y <= h for the interior point
+            inequalities = _append_box(inequalities, box_fn, n, dtype)
+            k_in += 2 * n
+            box_fn = None
+    problem = _Problem(lambda yf, p: g_conv(unravel(yf), p[0], *p[1]), equalities,
+                       inequalities, box_fn)
 
     def fun_at(p):
         return lambda yf: problem.objective(yf, p)
 
-    def forward(y_start, p, tol_=tol):
+    def forward(z0, p, tol_=tol):
+        y_start, _, lam = z0
         affine = problem.affine(p)
-        y_start = _project(affine, y_start)
-        y, k, res, conv, fact = _FORWARD[solver](fun_at(p), y_start, affine, tol_, max_iter)
-        return y, affine, (k, res, conv), fact
-
-    if hypergrad == "implicit":
-
-        def solve(z0, p):
-            y, affine, stats, fact = forward(z0[0], p)
-            nu = _multipliers(problem, affine, y, p)
-            return (y, nu), (stats, affine, fact)
-
-        nu0 = jnp.zeros((0,) if eq is None else (A.shape[0],), dtype)
-        (y, nu), (stats, affine, _) = implicit_solution(
-            solve, problem.residual, _adjoint_solve(linear_solver, ridge, None, None),
-            (jax.lax.stop_gradient(y0_flat), nu0), params,
+        ineq_p = problem.inequalities(p)
+        fact = None
+        if problem.box is not None:
+            lo, hi = problem.box(p)
+            y, k, res, conv, _ = _gradient(
+                fun_at(p), jnp.clip(y_start, lo, hi), lambda z: jnp.clip(z, lo, hi), tol_, max_iter
+            )
+        elif ineq_p is not None:
+            tangent = (lambda z: z) if affine is None else affine.tangent
+            y, lam, k, res, conv = interior_point(
+                fun_at(p), _project(affine, y_start), tangent, ineq_p, tol_, max_iter
+            )
+            y, lam = _polish(problem, fun_at(p), y, lam, ineq_p, p, tol_)
+        else:
+            y, k, res, conv, fact = _FORWARD[solver](
+                fun_at(p), _project(affine, y_start), affine, tol_, max_iter
+            )
+        nu = jnp.zeros((m_eq,), dtype) if affine is None else affine.multipliers(
+            jax.grad(problem.objective)(y, p) + (0 if ineq_p is None else ineq_p.G.T @ lam)
         )
-    elif hypergrad == "finite_difference":
-        # The 1/delta factor amplifies the inner error: solve the perturbed problem tighter.
-        fd_tol = max(tol * min(delta, 1.0), 100 * float(jnp.finfo(dtype).eps))
+        return (y, nu, lam), ((k, res, conv), fact)
+
+    z0 = (jax.lax.stop_gradient(y0_flat), jnp.zeros((m_eq,), dtype), jnp.zeros((k_in,), dtype))
+    if hypergrad == "implicit":
+        z, (stats, _) = implicit_solution(
+            forward, problem.residual, _adjoint_solve(problem, linear_solver, ridge), z0, params
+        )
+        y, nu, lam = z
+    elif hypergrad == "unrolled":
+        affine = problem.affine(params)
+        y_start = _project(affine, z0[0])
+        project = None
+        if problem.box is not None:
+            lo, hi = problem.box(params)
+            project = lambda z: jnp.clip(z, lo, hi)  # noqa: E731
+            y_start = project(y_start)
+        y, k, res, conv = _unrolled(fun_at(params), y_start, affine, tol, max_iter, solver,
+                                    project)
+        stats = (k, res, conv)
+        nu, lam = problem.multipliers(y, z0[2], params)
+    else:
+        inner_tol = max(tol * min(delta if hypergrad == "finite_difference" else alpha, 1.0),
+                        100 * float(jnp.finfo(dtype).eps))
 
         def solve(y_start, p):
-            y, affine, stats, _ = forward(y_start, p)
-            return y, (stats, affine)
+            (y, _, lam), (stats, _) = forward((y_start, z0[1], z0[2]), p)
+            return y, (stats, lam)
 
-        def backward(ybar, y, p, aux):
-            scale = jnp.linalg.norm(ybar)
-            direction = ybar / jnp.where(scale > 0, scale, 1)
-            affine = aux[1]
-            nu = _multipliers(problem, affine, y, p)
-            perturbed = lambda yf: problem.objective(yf, p) + delta * direction @ yf  # noqa: E731
-            y_d = _FORWARD[solver](perturbed, y, affine, fd_tol, max_iter)[0]
-            grad_d = jax.grad(perturbed)(y_d)
-            nu_d = None if affine is None else affine.multipliers(grad_d)
+        backward = (_finite_difference_backward(problem, solver, delta, inner_tol, max_iter)
+                    if hypergrad == "finite_difference"
+                    else _penalty_backward(problem, alpha, inner_tol, max(max_iter, 100)))
+        y, (stats, lam) = custom_solution(solve, backward, z0[0], params)
+        nu, lam = problem.multipliers(y, jax.lax.stop_gradient(lam), params)
 
-            def gap(p_):
-                return problem.lagrangian(y_d, nu_d, p_) - problem.lagrangian(y, nu, p_)
-
-            return tree_scale(scale / delta, jax.grad(gap, allow_int=True)(p))
-
-        y, (stats, affine) = custom_solution(
-            solve, backward, jax.lax.stop_gradient(y0_flat), params
-        )
-        nu = _multipliers(problem, affine, y, params)
-    else:
-        affine = problem.affine(params)
-        y_start = _project(affine, jax.lax.stop_gradient(y0_flat))
-        y, k, res, conv = _unrolled(fun_at(params), y_start, affine, tol, max_iter, solver)
-        stats = (k, res, conv)
-        nu = _multipliers(problem, affine, y, params)
-
-    info = _make_info(problem, affine, y, stats, y0_flat, params, dtype)
+    info = _make_info(problem, y, lam, stats, y0_flat, params, dtype)
     check_info(info, throw)
-    return Solution(unravel(y), None if eq is None else nu, None, info)
+    return Solution(unravel(y), nu if eq is not None else None,
+                    lam[: k_in - (2 * n if box is not None and not box_only else 0)]
+                    if ineq is not None else None, info)
 
 
-def _multipliers(problem, affine, y, params):
-    if affine is None:
-        return jnp.zeros((0,), y.dtype)
-    return affine.multipliers(jax.grad(problem.objective)(y, params))
+def _polish(problem, fun, y, lam, ineq, params, tol):
+    """Re-solve on the active set as equalities (ALGORITHMS.md §2.3 polish).
+
+    Two Newton steps on ``min g s.t. A y = b, G_I y = h_I`` make ``(y, lam_I)`` exact to
+    rounding (inactive multipliers exactly 0), which the first-order rules need (their error
+    is the solve error divided by ``alpha^2``). The polished point is kept only if it stays
+    feasible for the inactive rows with ``lam_I >= 0``.
+    """
+    m = ineq.active(y, lam)
+    affine = problem.affine(params, extra=(m[:, None] * ineq.G, m * ineq.h))
+    n = y.shape[0]
+    eye = jnp.eye(n, dtype=y.dtype)
+    P = eye - affine.pinv @ affine.A
+
+    def newton_step(_, y):  # full steps: the start is within the quadratic-convergence region
+        hess = P @ jax.hessian(fun)(y) @ P + (eye - P)
+        return y - jnp.linalg.solve(hess, P @ jax.grad(fun)(y))
+
+    y_pol = jax.lax.fori_loop(0, 2, newton_step, affine.project(y))
+    mult = affine.multipliers(jax.grad(fun)(y_pol))
+    lam_pol = m * mult[mult.shape[0] - m.shape[0]:]
+    scale = 1 + jnp.max(jnp.abs(ineq.h), initial=0.0)
+    ok = (jnp.all(ineq.slack(y_pol) >= -jnp.sqrt(tol) * scale) & jnp.all(lam_pol >= 0)
+          & jnp.all(jnp.isfinite(y_pol)))
+    return jnp.where(ok, y_pol, y), jnp.where(ok, lam_pol, lam)
 
 
-def _make_info(problem, affine, y, stats, y0_flat, params, dtype):
+def _choose_solver(solver, hypergrad, n, eq, ineq, box, box_only):
+    if ineq is not None or (box is not None and not box_only):
+        if solver not in ("auto", "interior_point"):
+            raise ValueError(
+                f"solver={solver!r} does not handle inequality constraints; use "
+                "solver='interior_point' (or 'auto')."
+            )
+        if hypergrad in ("unrolled", "finite_difference"):
+            raise ValueError(
+                f"hypergrad={hypergrad!r} is not available with inequality constraints; use "
+                "'implicit' or 'penalty'."
+            )
+        return "interior_point"
+    if solver == "interior_point":
+        raise ValueError("solver='interior_point' needs inequality constraints (ineq=...).")
+    if box_only:
+        if solver not in ("auto", "gradient"):
+            raise ValueError(
+                f"solver={solver!r} does not handle box constraints; use solver='gradient'."
+            )
+        if hypergrad in ("penalty", "finite_difference"):
+            raise ValueError(
+                f"hypergrad={hypergrad!r} is not available with box constraints alone; use "
+                "'implicit' or 'unrolled', or pass the bounds as ineq rows."
+            )
+        return "gradient"
+    if hypergrad == "unrolled" and solver == "lbfgs":
+        raise ValueError(
+            "solver='lbfgs' cannot be unrolled (its line search is a while_loop); use "
+            "solver='newton' or 'gradient' with hypergrad='unrolled'."
+        )
+    if solver == "auto":
+        solver = "newton" if n <= NEWTON_MAX_SIZE else "lbfgs"
+        if hypergrad == "unrolled" and solver == "lbfgs":
+            solver = "gradient"
+    return solver
+
+
+def _append_box(inequalities, box_fn, n, dtype):
+    eye = jnp.eye(n, dtype=dtype)
+
+    def fn(p):
+        lo, hi = box_fn(p)
+        G, h = [eye, -eye], [hi, -lo]
+        if inequalities is not None:
+            G0, h0 = inequalities(p)
+            G, h = [G0, *G], [h0, *h]
+        return jnp.concatenate(G), jnp.concatenate(h)
+
+    return fn
+
+
+def _make_info(problem, y, lam, stats, y0_flat, params, dtype):
     k, res, conv = stats
     eps = jnp.finfo(dtype).eps
-    finite = tree_all_finite((y, res, y0_flat, params, affine))
+    finite = tree_all_finite((y, lam, res, y0_flat))
     status = jnp.where(conv, Status.SUCCESS, Status.MAX_STEPS)
+    affine = problem.affine(params)
     if affine is not None:
         A, b = affine.A, affine.b
         feas = jnp.linalg.norm(A @ y - b)
@@ -586,6 +870,13 @@ def _make_info(problem, affine, y, stats, y0_flat, params, dtype):
         status = jnp.where(infeasible, Status.INFEASIBLE, status)
         res = jnp.sqrt(res**2 + feas**2)
         conv = conv & ~infeasible
+        finite = finite & tree_all_finite(affine)
+    ineq = problem.inequalities(params)
+    if ineq is not None:
+        # Primal infeasibility left after the solve (an empty polyhedron).
+        violation = jnp.max(jnp.maximum(-ineq.slack(y), 0), initial=0.0)
+        infeasible = violation > jnp.sqrt(eps) * (1 + jnp.max(jnp.abs(ineq.h), initial=0.0))
+        status = jnp.where(infeasible & ~conv, Status.INFEASIBLE, status)
     status = jnp.where(finite, status, Status.NONFINITE)
     return make_info(k, res, conv & finite, status)
 
@@ -614,8 +905,7 @@ def _flatten_y0(y0):
                 f"y0 must contain floating-point arrays, got dtype {jnp.result_type(leaf)}; "
                 "pass e.g. jnp.zeros(n) rather than an integer array."
             )
-    y0_flat, unravel = ravel_pytree(y0)
-    return y0_flat, unravel
+    return ravel_pytree(y0)
 
 
 def _check_objective(g, y0, theta):
@@ -628,24 +918,67 @@ def _check_objective(g, y0, theta):
         raise TypeError(f"g(y, theta) must return a scalar, got {shape}.")
 
 
-def _check_eq(eq, theta, n):
+def _check_rows(arg, fn, theta, n, mat, vec):
+    """Check ``fn(theta) -> (M, v)`` with ``M`` of shape ``(rows, n)``; return ``rows``."""
     try:
-        out = jax.eval_shape(eq, theta)
+        out = jax.eval_shape(fn, theta)
     except Exception as err:
-        raise TypeError(f"eq(theta) could not be evaluated: {err}") from err
+        raise TypeError(f"{arg}(theta) could not be evaluated: {err}") from err
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError("eq(theta) must return a pair (A, b).")
-    A, b = out
-    if len(A.shape) != 2 or A.shape[1] != n:
+        raise TypeError(f"{arg}(theta) must return a pair ({mat}, {vec}).")
+    M, v = out
+    if len(M.shape) != 2 or M.shape[1] != n:
         raise ValueError(
-            f"eq(theta) returned A with shape {tuple(A.shape)} but y has {n} entries; "
-            f"A must have shape (m, {n})."
+            f"{arg}(theta) returned {mat} with shape {tuple(M.shape)} but y has {n} entries; "
+            f"{mat} must have shape (rows, {n})."
         )
-    if tuple(b.shape) != (A.shape[0],):
+    if tuple(v.shape) != (M.shape[0],):
         raise ValueError(
-            f"eq(theta) returned b with shape {tuple(b.shape)} but A has {A.shape[0]} rows; "
-            f"b must have shape ({A.shape[0]},)."
+            f"{arg}(theta) returned {vec} with shape {tuple(v.shape)} but {mat} has "
+            f"{M.shape[0]} rows; {vec} must have shape ({M.shape[0]},)."
         )
-    if A.shape[0] == 0:
-        raise ValueError("eq(theta) returned A with no rows; pass eq=None instead.")
-    return A, b
+    if M.shape[0] == 0:
+        raise ValueError(f"{arg}(theta) returned {mat} with no rows; pass {arg}=None instead.")
+    return M.shape[0]
+
+
+def _box_bounds(box, theta, y0, unravel):
+    """Validate ``box(theta) -> (lo, hi)`` and return a function flattening the bounds."""
+    try:
+        out = jax.eval_shape(box, theta)
+    except Exception as err:
+        raise TypeError(f"box(theta) could not be evaluated: {err}") from err
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError("box(theta) must return a pair (lo, hi).")
+    y_struct = jax.tree_util.tree_structure(y0)
+    y_flat = ravel_pytree(y0)[0]
+
+    def is_scalar(bound):
+        return hasattr(bound, "shape") and bound.shape == () or isinstance(bound, (int, float))
+
+    for bound, name in zip(out, ("lo", "hi"), strict=True):
+        if is_scalar(bound):
+            continue
+        if jax.tree_util.tree_structure(bound) != y_struct:
+            raise ValueError(
+                f"box(theta) returned {name} with shape {getattr(bound, 'shape', bound)}: it "
+                "must be a scalar or a pytree like y0."
+            )
+        for b, y in zip(jax.tree_util.tree_leaves(bound), jax.tree_util.tree_leaves(y0),
+                        strict=True):
+            pairs = zip(jnp.shape(b)[::-1], jnp.shape(y)[::-1], strict=False)
+            if jnp.ndim(b) > jnp.ndim(y) or any(d not in (1, e) for d, e in pairs):
+                raise ValueError(
+                    f"box(theta) returned {name} with shape {jnp.shape(b)} for a leaf of y0 of "
+                    f"shape {jnp.shape(y)}."
+                )
+
+    def flat(bound):
+        if is_scalar(bound):
+            return jnp.full(y_flat.shape, bound, y_flat.dtype)
+        leaves = jax.tree_util.tree_map(
+            lambda b, y: jnp.broadcast_to(jnp.asarray(b, y_flat.dtype), jnp.shape(y)), bound, y0
+        )
+        return ravel_pytree(leaves)[0]
+
+    return lambda bounds: (flat(bounds[0]), flat(bounds[1]))

@@ -1,0 +1,158 @@
+"""Linear-inequality-constrained lower levels: the KKT residual, its solvers and its rules.
+
+The lower level is ``min_y g(y, theta)  s.t.  A y = b,  G y <= h`` with ``g`` smooth and
+strongly convex; ``A, b, G, h`` may depend on ``theta`` (coupled constraints). An entry of
+``h`` equal to ``+inf`` means "no constraint": the row is masked out of the iteration and of
+the backward system, and receives a zero cotangent.
+
+Active set (ALGORITHMS.md §1.3, §2.4). At the solution, row ``i`` is *active* when its
+multiplier dominates its slack, ``lam_i > 10 * max(h_i - G_i y, 0)`` (and ``lam_i > 0``). An
+interior-point solution has ``lam_i * s_i ~ mu`` on every row, so strictly active rows have a
+ratio ``lam/s ~ lam^2/mu >> 10`` and inactive rows ``~ mu/s^2 << 1``; *weakly active* rows
+(``lam_i = 0`` on the boundary) have ``lam ~ s`` and are treated as inactive. The returned
+derivative is then the one-sided derivative along directions that make such a row inactive
+(an element of the Clarke generalised Jacobian). With the mask ``m`` the residual is
+
+    r(y, nu, lam) = [ grad g + A^T nu + G^T (m lam) ;  A y - b ;  m (G y - h) - (1 - m) lam ]
+
+whose Jacobian is the symmetric quasi-definite masked KKT matrix of §1.3. Its transposed
+solve reduces to the equality-constrained one with the active rows appended to ``A``, which
+handles dependent active rows (LICQ failure) with the minimum-norm multiplier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bilevel_jax._src import linear_solve as ls
+from bilevel_jax._src.types import Array
+
+#: A row is active when its multiplier exceeds this multiple of its slack.
+ACTIVE_RATIO = 10.0
+
+
+class Inequalities(NamedTuple):
+    """``G y <= h`` with the rows of infinite ``h`` masked out (``finite`` is the mask)."""
+
+    G: Array
+    h: Array
+    finite: Array
+
+    @classmethod
+    def create(cls, G, h):
+        """Mask rows with ``h = +inf``; their data is replaced by zeros (never clipped)."""
+        finite = jnp.isfinite(h)
+        return cls(jnp.where(finite[:, None], G, 0), jnp.where(finite, h, 0), finite)
+
+    def slack(self, y):
+        """``h - G y`` (zero on masked rows)."""
+        return self.h - self.G @ y
+
+    def active(self, y, lam):
+        """The active mask (a float array of 0/1), treated as a constant."""
+        slack = self.slack(y)
+        mask = self.finite & (lam > ACTIVE_RATIO * jnp.maximum(slack, 0)) & (lam > 0)
+        return jax.lax.stop_gradient(mask.astype(y.dtype))
+
+
+def masked_residual(grad, y, nu, lam, A, b, ineq: Inequalities):
+    """The masked KKT residual ``[grad + A^T nu + G^T m lam; A y - b; m (G y - h) - (1-m) lam]``."""
+    m = ineq.active(y, lam)
+    stationarity = grad + ineq.G.T @ (m * lam)
+    primal = jnp.zeros((0,), y.dtype)
+    if A is not None:
+        stationarity = stationarity + A.T @ nu
+        primal = A @ y - b
+    return stationarity, primal, m * (ineq.G @ y - ineq.h) - (1 - m) * lam
+
+
+# --------------------------------------------------------------------------------------------
+# Primal-dual interior point for smooth convex g (dense Newton systems).
+
+
+def interior_point(fun: Callable, y0, tangent: Callable, ineq: Inequalities, tol, max_iter):
+    """Mehrotra predictor-corrector interior point for ``min fun(y) s.t. G y <= h``.
+
+    ``y0`` must satisfy the equality constraints, and ``tangent`` is the orthogonal projector
+    onto their null space (identity without them): every step stays on the affine set.
+    Each iteration factorises ``P (H + G^T diag(lam/s) G) P + I - P`` once (Cholesky) for
+    the predictor and the corrector, then backtracks on the KKT residual norm within the
+    fraction-to-boundary step (0.99).
+
+    Returns:
+      ``(y, lam, num_steps, residual, converged)``.
+    """
+    n, dtype = y0.shape[0], y0.dtype
+    fin = ineq.finite.astype(dtype)
+    k_active = jnp.maximum(jnp.sum(fin), 1)
+    eye = jnp.eye(n, dtype=dtype)
+    P = jax.vmap(tangent)(eye).T  # dense projector (identity without equalities)
+
+    def residuals(y, lam, s):
+        r_d = tangent(jax.grad(fun)(y) + ineq.G.T @ lam)
+        r_i = fin * (ineq.G @ y + s - ineq.h)
+        return r_d, r_i
+
+    def merit(y, lam, s):
+        r_d, r_i = residuals(y, lam, s)
+        return jnp.sqrt(r_d @ r_d + r_i @ r_i + jnp.sum((fin * lam * s) ** 2))
+
+    def max_step(v, dv):
+        ratios = jnp.where(dv < 0, -v / jnp.where(dv < 0, dv, -1), jnp.inf)
+        return jnp.minimum(1.0, jnp.min(ratios, initial=jnp.inf))
+
+    grad0 = tangent(jax.grad(fun)(y0))
+    scale = 1 + jnp.linalg.norm(grad0)
+    threshold = tol * scale
+
+    def body(state):
+        k, y, lam, s, _ = state
+        r_d, r_i = residuals(y, lam, s)
+        mu = jnp.sum(fin * lam * s) / k_active
+        D = fin * lam / s
+        H = jax.hessian(fun)(y)
+        M = P @ (H + ineq.G.T @ (D[:, None] * ineq.G)) @ P + (eye - P)
+        fact = ls.factorize(M, structure="spd")
+
+        def direction(r_c):
+            rhs = -tangent(r_d + ineq.G.T @ (fin * (lam * r_i - r_c) / s))
+            dy = ls.solve_factorized(fact, rhs)
+            ds = -r_i - fin * (ineq.G @ dy)
+            dlam = fin * (-r_c - lam * ds) / s
+            return dy, dlam, ds
+
+        # Predictor (affine scaling), then Mehrotra's centring and second-order correction.
+        dy_a, dlam_a, ds_a = direction(fin * lam * s)
+        alpha_a = jnp.minimum(max_step(s, ds_a), max_step(lam, dlam_a))
+        mu_a = jnp.sum(fin * (lam + alpha_a * dlam_a) * (s + alpha_a * ds_a)) / k_active
+        sigma = jnp.clip((mu_a / jnp.maximum(mu, jnp.finfo(dtype).tiny)) ** 3, 0.0, 1.0)
+        dy, dlam, ds = direction(fin * (lam * s + ds_a * dlam_a - sigma * mu))
+
+        alpha_max = 0.99 * jnp.minimum(max_step(s, ds), max_step(lam, dlam))
+        alphas = alpha_max * 0.5 ** jnp.arange(30, dtype=dtype)
+        current = merit(y, lam, s)
+        trial = jax.vmap(lambda a: merit(y + a * dy, lam + a * dlam, s + a * ds))(alphas)
+        ok = trial <= (1 - 1e-4 * alphas) * current
+        alpha = jnp.where(jnp.any(ok), alphas[jnp.argmax(ok)], alphas[-1])
+        y, lam, s = y + alpha * dy, lam + alpha * dlam, s + alpha * ds
+        return k + 1, y, fin * lam, jnp.where(fin > 0, s, 1), converged(y, lam, s)
+
+    def converged(y, lam, s):
+        r_d, r_i = residuals(y, lam, s)
+        mu = jnp.sum(fin * lam * s) / k_active
+        res = jnp.sqrt(r_d @ r_d + r_i @ r_i)
+        return (res <= threshold) & (mu <= threshold)
+
+    s0 = jnp.where(fin > 0, jnp.maximum(ineq.slack(y0), 1.0), 1.0)
+    lam0 = fin
+    state = (jnp.asarray(0), y0, lam0, s0, converged(y0, lam0, s0))
+    k, y, lam, s, conv = jax.lax.while_loop(
+        lambda st: (st[0] < max_iter) & ~st[4], body, state
+    )
+    r_d, r_i = residuals(y, lam, s)
+    mu = jnp.sum(fin * lam * s) / k_active
+    return y, lam, k, jnp.sqrt(r_d @ r_d + r_i @ r_i + mu**2), conv
