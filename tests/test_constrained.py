@@ -72,6 +72,7 @@ def test_multiplier_jacobian_against_central_differences():
         return bj.argmin(g, jnp.zeros(6), x, ineq=ineq).lam
 
     # Strict complementarity holds, so the active set is fixed for |h| <= 1e-5.
+    lam = jax.jit(lam)
     jac = jax.jacrev(lam)(x0)
     h = 1e-5
     fd = jnp.stack([(lam(x0 + h * e) - lam(x0 - h * e)) / (2 * h) for e in jnp.eye(3)], axis=1)
@@ -96,9 +97,9 @@ def test_penalty_error_falls_like_alpha_squared():
     alphas = np.array([0.3, 0.1, 0.03, 0.01])
     errors = []
     for a in alphas:
-        jac = jax.jacrev(
+        jac = jax.jit(jax.jacrev(
             lambda x, a=a: bj.argmin(g, jnp.zeros(6), x, ineq=ineq, hypergrad="penalty", alpha=a).y
-        )(x0)
+        ))(x0)
         errors.append(float(jnp.abs(jac - Dy).max()))
     slope = np.polyfit(np.log10(alphas), np.log10(errors), 1)[0]
     assert 1.7 < slope < 2.3, (errors, slope)
@@ -158,11 +159,13 @@ def test_kink_example_gradients():
     """O6(a): F(x) = x + y*(x), y* = max(x, sqrt(0.6)); grad F = 1 then 2."""
     g = lambda y, x: (y[0] ** 2 - x**2) ** 2  # noqa: E731
 
-    def F(x):
+    @jax.jit
+    @jax.grad
+    def dF(x):
         return x + bj.argmin(g, jnp.ones(1), x, box=lambda x: (jnp.sqrt(0.6), 1.0)).y[0]
 
     for x, expected in [(0.5, 1.0), (0.7, 1.0), (0.85, 2.0), (0.95, 2.0)]:
-        tree_allclose(jax.grad(F)(x), expected, rtol=1e-8)
+        tree_allclose(dF(x), expected, rtol=1e-8)
 
 
 def test_box_at_scale_is_matrix_free():
@@ -210,7 +213,7 @@ def test_nonquadratic_inequalities_check_grads(hypergrad):
     sol = bj.argmin(g, jnp.zeros(5), x, ineq=ineq)
     assert 0 < int(jnp.sum(sol.lam > 1e-6)) < 4  # some rows active, some not
     if hypergrad == "implicit":
-        check_grads(F, (x,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+        check_grads(jax.jit(F), (x,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
     else:  # penalty vs implicit: O(alpha) for non-quadratic g
         implicit = jax.grad(lambda x: jnp.sum(jnp.sin(bj.argmin(g, jnp.zeros(5), x,
                                                                ineq=ineq).y)))(x)
@@ -230,7 +233,7 @@ def test_weakly_active_row_gives_the_documented_one_sided_derivative():
         assert np.isfinite(float(grad))
         tree_allclose(grad, 1.0, atol=1e-6)
     # Away from the kink: the two one-sided values.
-    grad_in = jax.grad(lambda x: bj.argmin(g, jnp.zeros(1), x, ineq=ineq).y[0])
+    grad_in = jax.jit(jax.grad(lambda x: bj.argmin(g, jnp.zeros(1), x, ineq=ineq).y[0]))
     tree_allclose(grad_in(-0.5), 1.0)
     tree_allclose(grad_in(0.5), 0.0)
 
@@ -287,7 +290,7 @@ def test_equalities_and_inequalities_together():
         sol = bj.argmin(g, jnp.zeros(6), x, ineq=ineq, eq=eq)
         return jnp.sum(sol.y**2) + jnp.sum(sol.nu**2)
 
-    check_grads(F, (x0,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+    check_grads(jax.jit(F), (x0,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
 # ------------------------------------------------------------------ transformations
@@ -300,8 +303,9 @@ def test_vmap_equals_loop_with_inequalities():
         return jnp.sum(bj.argmin(g, jnp.zeros(6), x, ineq=ineq).y ** 2)
 
     xs = x0 + 0.05 * jnp.asarray(np.random.default_rng(1).standard_normal((3, 3)))
-    batched = jax.vmap(jax.value_and_grad(F))(xs)
-    looped = [jax.value_and_grad(F)(x) for x in xs]
+    batched = jax.jit(jax.vmap(jax.value_and_grad(F)))(xs)
+    single = jax.jit(jax.value_and_grad(F))
+    looped = [single(x) for x in xs]
     tree_allclose(batched[0], jnp.stack([v for v, _ in looped]), atol=1e-10)
     tree_allclose(batched[1], jnp.stack([d for _, d in looped]), atol=1e-9)
 

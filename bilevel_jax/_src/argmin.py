@@ -473,7 +473,12 @@ def _finite_difference_backward(problem, solver, delta, tol, max_iter):
         direction = zbar / jnp.where(scale > 0, scale, 1)
         affine = problem.affine(params)
         nu = problem.multipliers(y, None, params)[0]
-        perturbed = lambda yf: problem.objective(yf, params) + delta * direction @ yf  # noqa: E731
+        # Tilt by the residual left at y* so that y* solves the unperturbed problem exactly.
+        tilt = jax.grad(problem.lagrangian)(y, nu, None, params)
+
+        def perturbed(yf):
+            return problem.objective(yf, params) + (delta * direction - tilt) @ yf
+
         y_d = _FORWARD[solver](perturbed, y, affine, tol, max_iter)[0]
         nu_d = None if affine is None else affine.multipliers(jax.grad(perturbed)(y_d))
 
@@ -517,9 +522,12 @@ def _penalty_backward(problem, alpha, tol, max_iter):
                 rows.append(m * (ineq_p.G @ yf - (ineq_p.h if shift else 0)))
             return jnp.concatenate(rows) if rows else jnp.zeros((0,), yf.dtype)
 
+        # Tilt by the residual left at y* (solve error), which 1/alpha^2 would amplify.
+        tilt = jax.grad(problem.lagrangian)(y, nu, lam, params)
+
         def penalised(d):
             c = active_rows(d, params, shift=False)
-            return (alpha**2 * direction @ d + problem.lagrangian(y + d, nu, lam, params)
+            return ((alpha**2 * direction - tilt) @ d + problem.lagrangian(y + d, nu, lam, params)
                     + 0.5 / alpha**2 * (c @ c))
 
         solver = "newton" if y.shape[0] <= NEWTON_MAX_SIZE else "lbfgs"
