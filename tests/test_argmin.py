@@ -14,6 +14,18 @@ SOLVERS = ["newton", "lbfgs", "gradient"]
 HYPERGRADS = ["implicit", "penalty", "finite_difference", "unrolled"]
 
 
+def slow(*values):
+    """A parameter set that runs only in the full (CI) run: ``pytest -m "slow or not slow"``."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
+def grid(fast, *axes):
+    """The product of ``axes``; combinations not in ``fast`` are marked slow."""
+    import itertools
+
+    return [c if c in fast else slow(*c) for c in itertools.product(*axes)]
+
+
 def _hypergradient(prob, x, **kwargs):
     eq = None if prob.E is None else prob.eq
     n = prob.Q.shape[0]
@@ -32,9 +44,11 @@ def _unroll_ok(solver):
 # ------------------------------------------------------------------ closed forms (O1, O2)
 
 
-@pytest.mark.parametrize("m", [0, 2])
-@pytest.mark.parametrize("solver", SOLVERS)
-@pytest.mark.parametrize("hypergrad", HYPERGRADS)
+@pytest.mark.parametrize(
+    "m, solver, hypergrad",
+    grid({(m, "newton", h) for m in (0, 2) for h in HYPERGRADS}
+         | {(2, "lbfgs", "implicit"), (2, "gradient", "implicit")}, (0, 2), SOLVERS, HYPERGRADS),
+)
 def test_quadratic_closed_form(m, solver, hypergrad):
     """O1 (m = 0) and O2 (coupled E y = R x + r): solution and hypergradient to 1e-9."""
     if hypergrad == "unrolled" and not _unroll_ok(solver):
@@ -79,8 +93,9 @@ LINEAR_SOLVERS = ["auto", "cholesky", "cg", "dense", "lu", "minres", "gmres", "n
 
 @pytest.mark.parametrize(
     "m, linear_solver, solver",
-    [(m, ls, "newton") for m in (0, 2) for ls in LINEAR_SOLVERS]
-    + [(2, "auto", "lbfgs"), (2, "cg", "lbfgs")],
+    grid({(2, ls, "newton") for ls in ("auto", "cholesky", "cg", "minres", "lu")}
+         | {(2, "auto", "lbfgs")}, (0, 2), LINEAR_SOLVERS, ["newton"])
+    + [slow(2, "cg", "lbfgs")],
 )
 def test_every_backward_linear_solver(m, linear_solver, solver):
     prob = quadratic_problem(seed=3, m=m)
@@ -111,8 +126,9 @@ def test_ridge_gives_regularised_hypergradient():
 # ------------------------------------------------------------------ finite differences
 
 
-@pytest.mark.parametrize("eq", [False, True])
-@pytest.mark.parametrize("hypergrad", ["implicit", "unrolled"])
+@pytest.mark.parametrize(
+    "eq, hypergrad", grid({(True, "implicit")}, (False, True), ("implicit", "unrolled"))
+)
 def test_nonquadratic_check_grads(eq, hypergrad):
     g = nonquadratic_g(seed=5)
     E = jnp.asarray(np.random.default_rng(5).standard_normal((2, 5)))
@@ -134,6 +150,7 @@ def _rule(g, eq_fn, v, hypergrad, **kwargs):
     ))
 
 
+@pytest.mark.slow
 def test_finite_difference_rule_error_is_linear_in_delta():
     """ALGORITHMS.md §1.6 / O2: error O(delta), log-log slope 1 +- 0.1."""
     g = nonquadratic_g(seed=7)
@@ -162,7 +179,8 @@ def test_finite_difference_rule_exact_for_quadratic_g():
 # ------------------------------------------------------------------ closure conversion
 
 
-@pytest.mark.parametrize("hypergrad", HYPERGRADS)
+@pytest.mark.parametrize("hypergrad", ["implicit", slow("penalty"), "finite_difference",
+                                       slow("unrolled")])
 def test_closed_over_hyperparameter_gets_its_gradient(hypergrad):
     """The jaxopt pitfall: a hyperparameter captured by closure must not get a zero gradient."""
     rng = np.random.default_rng(10)
@@ -208,7 +226,8 @@ def test_closed_over_constraint_data_gets_its_gradient():
 # ------------------------------------------------------------------ transformations
 
 
-@pytest.mark.parametrize("hypergrad", HYPERGRADS)
+@pytest.mark.parametrize("hypergrad", ["implicit", slow("penalty"), slow("finite_difference"),
+                                       slow("unrolled")])
 def test_jit_equals_eager(maybe_jit, hypergrad):
     prob = quadratic_problem(seed=12, m=2)
     x = jnp.asarray([0.3, 0.2, 0.1])
@@ -222,7 +241,7 @@ def test_jit_equals_eager(maybe_jit, hypergrad):
     tree_allclose(value, F(x))
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", ["newton", slow("lbfgs"), slow("gradient")])
 def test_vmap_equals_loop(solver):
     g = nonquadratic_g(seed=13)
     E = jnp.asarray(np.random.default_rng(13).standard_normal((2, 5)))
@@ -270,8 +289,7 @@ def test_scalar_y_and_dict_theta():
     tree_allclose(grad, {"a": -3.0 / 4.0, "b": 0.5})
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
-@pytest.mark.parametrize("m", [0, 2])
+@pytest.mark.parametrize("solver, m", grid({("newton", 2), ("gradient", 0)}, SOLVERS, (0, 2)))
 def test_float32(solver, m):
     prob = quadratic_problem(seed=16, m=m)
     prob32 = prob._replace(**{

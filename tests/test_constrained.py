@@ -56,7 +56,8 @@ def test_designed_active_set_closed_form(hypergrad):
     tree_allclose(jac, Dy, atol=1e-10 if hypergrad == "implicit" else 1e-5)
 
 
-@pytest.mark.parametrize("linear_solver", ["cg", "minres", "lu"])
+@pytest.mark.parametrize("linear_solver", ["cg", pytest.param("minres", marks=pytest.mark.slow),
+                                           pytest.param("lu", marks=pytest.mark.slow)])
 def test_active_set_rule_with_each_backward_solver(linear_solver):
     g, ineq, x0, _, _, Dy = designed_active_set(seed=1)
     jac = jax.jacrev(
@@ -65,6 +66,7 @@ def test_active_set_rule_with_each_backward_solver(linear_solver):
     tree_allclose(jac, Dy, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_multiplier_jacobian_against_central_differences():
     g, ineq, x0, _, _, _ = designed_active_set(seed=2)
 
@@ -91,6 +93,7 @@ def test_inactive_rows_do_not_change_the_result():
     tree_allclose(jac, Dy, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_penalty_error_falls_like_alpha_squared():
     """O5: log-log slope about 2 over alpha in {0.3, 0.1, 0.03, 0.01}."""
     g, ineq, x0, _, _, Dy = designed_active_set(seed=4)
@@ -122,7 +125,8 @@ def separable_box(seed=0, n=8, dx=3):
     return g, lo, hi, x, np.clip(u, lo, hi), Dy
 
 
-@pytest.mark.parametrize("form", ["box", "box-unrolled", "ineq", "ineq-penalty"])
+@pytest.mark.parametrize("form", ["box", pytest.param("box-unrolled", marks=pytest.mark.slow),
+                                  "ineq", pytest.param("ineq-penalty", marks=pytest.mark.slow)])
 def test_separable_box_exact_jacobian(form):
     g, lo, hi, x, y_star, Dy = separable_box()
     n = 8
@@ -197,7 +201,7 @@ def test_box_at_scale_is_matrix_free():
 # ------------------------------------------------------------------ nonquadratic, degenerate
 
 
-@pytest.mark.parametrize("hypergrad", ["implicit", "penalty"])
+@pytest.mark.parametrize("hypergrad", ["implicit", pytest.param("penalty", marks=pytest.mark.slow)])
 def test_nonquadratic_inequalities_check_grads(hypergrad):
     g = nonquadratic_g(seed=6)
     G = jnp.asarray(np.random.default_rng(6).standard_normal((4, 5)))
@@ -280,6 +284,7 @@ def test_infeasible_inequalities_reported():
     assert not bool(sol.info.converged)
 
 
+@pytest.mark.slow
 def test_equalities_and_inequalities_together():
     g, ineq, x0, _, _, _ = designed_active_set(seed=9)
     E = jnp.asarray(np.random.default_rng(9).standard_normal((1, 6)))
@@ -296,6 +301,7 @@ def test_equalities_and_inequalities_together():
 # ------------------------------------------------------------------ transformations
 
 
+@pytest.mark.slow
 def test_vmap_equals_loop_with_inequalities():
     g, ineq, x0, _, _, _ = designed_active_set(seed=10)
 
@@ -316,6 +322,7 @@ def test_jit_equals_eager_with_inequalities(maybe_jit):
     tree_allclose(jac, Dy, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_float32_inequalities_and_box():
     g, ineq, x0, y_star, _, Dy = designed_active_set(seed=12)
     g32 = lambda y, x: g(y.astype(jnp.float64), x.astype(jnp.float64)).astype(jnp.float32)  # noqa: E731
