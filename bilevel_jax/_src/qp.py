@@ -1,0 +1,1126 @@
+"""``solve_qp``: dense convex QPs with exact, relaxed and first-order (penalty) hypergradients.
+
+The problem (DESIGN.md convention: ``A y = b`` equalities, ``G y <= h`` inequalities) is
+
+    min_y  1/2 y'Qy + c'y    s.t.   A y = b ,   G y <= h ,
+
+with ``Q`` positive semidefinite and the objective strictly convex on the feasible set. Its
+KKT conditions, with multipliers ``nu`` (free) and ``lam >= 0``, are
+
+    Q y + c + A'nu + G'lam = 0 ,   A y = b ,   G y <= h ,   lam >= 0 ,   lam_i (h - G y)_i = 0 .
+
+Forward: a primal-dual interior-point method (Mehrotra predictor-corrector) on the slack form
+``G y + s = h``, ``s >= 0``, with one LU factorisation of the augmented Newton matrix
+``[Q, A', G'; A, 0, 0; G, 0, -diag(s / lam)]`` per iteration shared by the predictor and the
+corrector, followed by a *polish* step that solves the equality KKT system on the identified
+active set (a few primal-dual active-set corrections if the first guess is infeasible), which
+makes ``(y, nu, lam)`` exact to rounding and inactive multipliers exactly 0.
+
+Hypergradients (reverse mode, with respect to all of ``Q, c, A, b, G, h``):
+
+* ``"implicit"``: the implicit function theorem on the active-set KKT residual in the
+  static-shape masked form of ALGORITHMS.md §1.3,
+
+      r(y, nu, lam) = [ Q y + c + A'nu + G'(m * lam) ;  A y - b ;  m * (G y - h) - (1 - m) * lam ],
+
+  whose Jacobian is the symmetric matrix ``K = [Q, A', G'M; A, 0, 0; MG, 0, -(I - M)]``;
+  the adjoint solve uses ``K`` with ``-ridge`` on the multiplier diagonal (rows with
+  ``m_i = 1`` and the equalities) and reuses the polish factorisation when the masks agree.
+  This gives the OptNet formulas of §1.2 on the active set (``cbar = -w``,
+  ``Qbar = -(w y' + y w')/2``, ``hbar_I = mu_I``, ``Gbar_I = -(lam_I w' + mu_I y')``, ...).
+* ``"relaxed"``: the same theorem on the log-barrier (central path) KKT system
+  ``lam_i (h - G y)_i = mu`` at a fixed ``mu`` (as qpax does): a smooth, informative derivative
+  at active constraints, biased by ``O(mu)``.
+* ``"penalty"``: the first-order oracle of Kornowski et al. (ALGORITHMS.md §1.5, VJP form),
+  one SPD solve with ``Q + alpha^-2 C_I'C_I`` (``C_I`` the equalities and active rows), error
+  ``O(alpha^2)`` on QPs.
+
+:func:`active_set_adjoint` is the masked active-set KKT adjoint solve on its own (given
+Hessian-vector products), for reuse by other solution maps with inequality constraints.
+"""
+
+from __future__ import annotations
+
+import numbers
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bilevel_jax._src import linear_solve as ls
+from bilevel_jax._src.implicit import custom_solution, implicit_backward
+from bilevel_jax._src.types import Array, ArrayLike, Info, Status, check_info, make_info
+
+__all__ = ["HYPERGRADS", "QPSolution", "active_set_adjoint", "default_options", "solve_qp"]
+
+HYPERGRADS = ("implicit", "relaxed", "penalty")
+ADJOINT_METHODS = ("auto", "dense", "minres")
+
+_HI = lax.Precision.HIGHEST
+_mm = partial(jnp.matmul, precision=_HI)
+
+
+class QPSolution(NamedTuple):
+    """Solution of :func:`solve_qp`.
+
+    Attributes:
+      y: the minimiser, shape ``(n,)``.
+      nu: multipliers of ``A y = b``, shape ``(p,)`` (``(0,)`` without ``A``).
+      lam: multipliers of ``G y <= h``, ``>= 0``, shape ``(k,)`` (``(0,)`` without ``G``);
+        exactly 0 for rows with ``h_i = +inf`` and, after a successful polish, for inactive rows.
+      info: an :class:`~bilevel_jax.Info`; ``info.residual`` is the largest relative KKT
+        residual (primal, dual, complementarity) at the returned point.
+    """
+
+    y: Array
+    nu: Array
+    lam: Array
+    info: Info
+
+
+def default_options(dtype) -> dict:
+    """Defaults of the numerical options of :func:`solve_qp` for a floating dtype.
+
+    Args:
+      dtype: the floating dtype of the problem data.
+
+    Returns:
+      A dict with ``tol`` (1e-10 in float64, 1e-6 in float32), ``ridge`` (1e-12 / 1e-6),
+      ``alpha`` (1e-3 / 2e-2, about ``eps^(1/4)``, which balances the ``O(alpha^2)`` bias of
+      the penalty rule against its ``O(eps / alpha^2)`` rounding error), ``mu`` (1e-3) and
+      ``max_iter`` (50).
+    """
+    wide = jnp.finfo(dtype).bits >= 64
+    return {
+        "tol": 1e-10 if wide else 1e-6,
+        "ridge": 1e-12 if wide else 1e-6,
+        "alpha": 1e-3 if wide else 2e-2,
+        "mu": 1e-3,
+        "max_iter": 50,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Problem data. Absent blocks are zero-row arrays; rows with h_i = +inf are "valid = False":
+# they are masked out of every iteration and of every backward system.
+
+
+class _QP(NamedTuple):
+    Q: Array
+    c: Array
+    A: Array
+    b: Array
+    G: Array
+    h: Array
+
+
+def _valid(h):
+    """Rows that are real constraints: ``h_i`` finite (``+inf`` = no constraint)."""
+    return jnp.isfinite(h)
+
+
+def _safe_h(h):
+    """``h`` with non-finite entries replaced by 0 (those rows are masked everywhere)."""
+    return jnp.where(jnp.isfinite(h), h, jnp.zeros_like(h))
+
+
+def _sym(Q):
+    return 0.5 * (Q + Q.T)
+
+
+def _kkt_matrix(Qs, A, G, m, eps):
+    """The static-shape masked KKT matrix of §1.3 with ``-eps`` on the multiplier diagonal.
+
+    ``[[Qs, A', G'M], [A, -eps I, 0], [MG, 0, -(I - M) - eps M]]`` with ``M = diag(m)``.
+    """
+    p, k = A.shape[0], G.shape[0]
+    mf = m.astype(Qs.dtype)
+    GM = G * mf[:, None]
+    top = jnp.concatenate([Qs, A.T, GM.T], axis=1)
+    mid = jnp.concatenate(
+        [A, -eps * jnp.eye(p, dtype=Qs.dtype), jnp.zeros((p, k), Qs.dtype)], axis=1
+    )
+    low = jnp.concatenate([GM, jnp.zeros((k, p), Qs.dtype), jnp.diag(-(1 - mf) - eps * mf)], axis=1)
+    return jnp.concatenate([top, mid, low], axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The reusable helper: masked active-set KKT adjoint solve (ALGORITHMS.md §1.3).
+
+
+def active_set_adjoint(
+    hvp,
+    v: ArrayLike,
+    G: ArrayLike,
+    mask: ArrayLike,
+    *,
+    A: ArrayLike | None = None,
+    rhs_eq: ArrayLike | None = None,
+    rhs_ineq: ArrayLike | None = None,
+    ridge: float = 0.0,
+    method: str = "auto",
+    tol: float | None = None,
+    max_iter: int | None = None,
+):
+    r"""Solve the static-shape masked active-set KKT system of ALGORITHMS.md §1.3.
+
+    With ``M = diag(mask)`` and ``eps = ridge``, solves
+
+    .. math::
+        \begin{bmatrix} H & A^T & G^T M \\ A & -\epsilon I & 0 \\
+        M G & 0 & -(I - M) - \epsilon M \end{bmatrix}
+        \begin{bmatrix} w \\ \mu_E \\ \mu_I \end{bmatrix} =
+        \begin{bmatrix} v \\ r_E \\ r_I \end{bmatrix},
+
+    the transposed (symmetric) Jacobian of the residual
+    ``[grad_y L + A'nu + G'(m * lam); A y - b; m * (G y - h) - (1 - m) * lam]``. With
+    ``r_E = r_I = 0`` this is ``w = argmin 1/2 w'Hw - v'w s.t. A w = 0, G_I w = 0`` and
+    ``mu_I`` its active multipliers; ``mu_i = -r_I[i]`` on inactive rows. The hypergradient of
+    any parameter ``theta`` of the residual is then ``-d/dtheta <(w, mu_E, mu_I), r>``.
+
+    ``ridge > 0`` makes the matrix symmetric quasi-definite when ``H`` is positive definite
+    (so LU without breakdown and MINRES apply) and gives finite ``(w, mu)`` when the active
+    rows are linearly dependent (LICQ fails): ``w`` is then still exact up to ``O(ridge)``
+    and ``mu`` is the regularised (minimum-norm-like) multiplier.
+
+    Args:
+      hvp: ``hvp(w) -> H w`` on shape ``(n,)``, ``H`` symmetric (the Hessian of the
+        Lagrangian in ``y``).
+      v: the cotangent of ``y``, shape ``(n,)``.
+      G: inequality matrix, shape ``(k, n)``.
+      mask: boolean ``(k,)``, ``True`` for active rows.
+      A: optional equality matrix, shape ``(p, n)``.
+      rhs_eq: cotangent of the equality multipliers (default 0), shape ``(p,)``.
+      rhs_ineq: cotangent of the inequality multipliers (default 0), shape ``(k,)``.
+      ridge: ``eps >= 0`` on the multiplier diagonal of active and equality rows.
+      method: ``"dense"`` (materialise ``H`` with ``n`` Hessian-vector products, LU),
+        ``"minres"`` (matrix-free; needs ``ridge > 0`` or a nonsingular system) or ``"auto"``
+        (dense when ``n + p + k <= linear_solve.DENSE_MAX_SIZE``, else MINRES).
+      tol: MINRES relative tolerance (default by dtype).
+      max_iter: MINRES iteration limit.
+
+    Returns:
+      ``(w, mu_eq, mu_ineq)`` with shapes ``(n,)``, ``(p,)``, ``(k,)``.
+
+    Raises:
+      ValueError: on an unknown ``method`` or inconsistent shapes.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> H = jnp.eye(2); G = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+      >>> w, mu_e, mu_i = active_set_adjoint(lambda x: H @ x, jnp.ones(2), G,
+      ...                                    jnp.array([True, False]))
+      >>> w  # the first coordinate is pinned by the active row
+      Array([0., 1.], dtype=float32)
+
+    References:
+      Amos and Kolter. OptNet: Differentiable Optimization as a Layer in Neural Networks.
+      ICML 2017. Khanduri et al. Linearly Constrained Bilevel Optimization: A Smoothed
+      Implicit Gradient Approach. ICML 2023 (Lemma 2).
+    """
+    if method not in ADJOINT_METHODS:
+        raise ValueError(f"method must be one of {ADJOINT_METHODS}, got {method!r}.")
+    v = jnp.asarray(v)
+    dtype = v.dtype
+    n = v.shape[0]
+    G = jnp.asarray(G, dtype).reshape(-1, n)
+    k = G.shape[0]
+    A = jnp.zeros((0, n), dtype) if A is None else jnp.asarray(A, dtype)
+    p = A.shape[0]
+    if A.ndim != 2 or A.shape[1] != n:
+        raise ValueError(f"A has shape {A.shape} but v has {n} entries.")
+    mask = jnp.asarray(mask, bool)
+    if mask.shape != (k,):
+        raise ValueError(f"mask has shape {mask.shape} but G has {k} rows.")
+    rhs_eq = jnp.zeros((p,), dtype) if rhs_eq is None else jnp.asarray(rhs_eq, dtype)
+    rhs_ineq = jnp.zeros((k,), dtype) if rhs_ineq is None else jnp.asarray(rhs_ineq, dtype)
+    rhs = jnp.concatenate([v, rhs_eq, rhs_ineq])
+    size = n + p + k
+    if method == "auto":
+        method = "dense" if size <= ls.DENSE_MAX_SIZE else "minres"
+    mf = mask.astype(dtype)
+    if method == "dense":
+        H = ls.materialize(hvp, n, dtype)
+        K = _kkt_matrix(0.5 * (H + H.T), A, G, mask, jnp.asarray(ridge, dtype))
+        u = ls.solve_factorized(ls.factorize(K, structure="general"), rhs)
+    else:
+
+        def matvec(u):
+            w, me, mi = u[:n], u[n : n + p], u[n + p :]
+            top = hvp(w) + _mm(A.T, me) + _mm(G.T, mf * mi)
+            mid = _mm(A, w) - ridge * me
+            low = mf * _mm(G, w) - (1 - mf) * mi - ridge * mf * mi
+            return jnp.concatenate([top, mid, low])
+
+        u = ls.solve_minres(matvec, rhs, tol=tol, max_iter=max_iter)
+    return u[:n], u[n : n + p], u[n + p :]
+
+
+# --------------------------------------------------------------------------------------------
+# Measures of a point: the single source of truth for the stopping test, the polish, the status
+# and ``info.residual``.
+
+
+def _amaxes(*xs):
+    """``max |x|`` of each argument (0 for empty ones), computed in one fused reduction."""
+    size = max(max(x.size for x in xs), 1)
+    rows = [jnp.pad(jnp.abs(x.ravel()), (0, size - x.size)) for x in xs]
+    return tuple(jnp.max(jnp.stack(rows), axis=1))
+
+
+class _Scales(NamedTuple):
+    """``max |.|`` of the data (``h`` over the finite rows), computed once per solve."""
+
+    Q: Array
+    c: Array
+    A: Array
+    b: Array
+    G: Array
+    h: Array
+
+
+class _Measure(NamedTuple):
+    residual: Array  # largest relative KKT residual: primal, dual, complementarity, lam < 0
+    pinf: Array  # a primal infeasibility (Farkas) certificate was found
+    dinf: Array  # a dual infeasibility (unbounded ray) certificate was found
+
+
+def _measure(qp: _QP, sc: _Scales, y, nu, lam, s, valid, eps_inf):
+    """Relative KKT residuals at ``(y, nu, lam)`` with slack ``s`` and infeasibility tests.
+
+    Primal ``max(|A y - b|, |G y + s - h|) / (1 + max(|b|, |h|, |A y|, |G y|))``, dual
+    ``|Q y + c + A'nu + G'lam| / (1 + max(|c|, |Q y|, |A'nu|, |G'lam|))``, complementarity
+    ``sum lam * s / (1 + |objective|)`` (all max-norms). The iterate is a Farkas certificate
+    when ``|A'nu + G'lam| <= eps |(A, G)| |(nu, lam)|`` and ``b'nu + h'lam < 0`` (relative),
+    and an unbounded ray when ``Q y``, ``A y``, ``max(G y)`` are ``<= eps |y|`` (relative) and
+    ``c'y < 0``: diverging interior-point iterates become such certificates.
+    """
+    Q, c, A, b, G, h = qp
+    vf = valid.astype(y.dtype)
+    lam = vf * lam
+    Qy, Ay, Gy = _mm(Q, y), _mm(A, y), vf * _mm(G, y)
+    Atnu, Gtlam = _mm(A.T, nu), _mm(G.T, lam)
+    farkas = Atnu + Gtlam
+    rd, rp, ri = Qy + c + farkas, Ay - b, vf * (Gy + s - h)
+    norms = _amaxes(rp, ri, Ay, Gy, rd, Qy, Atnu, Gtlam, nu, lam, farkas, y, jnp.minimum(lam, 0))
+    rp_, ri_, Ay_, Gy_, rd_, Qy_, Atnu_, Gtlam_, nu_, lam_, farkas_, y_, neg_ = norms
+    cy = jnp.dot(c, y, precision=_HI)
+    obj = 0.5 * jnp.dot(y, Qy, precision=_HI) + cy
+    primal = jnp.maximum(rp_, ri_) / (1 + jnp.max(jnp.stack([sc.b, sc.h, Ay_, Gy_])))
+    dual = rd_ / (1 + jnp.max(jnp.stack([sc.c, Qy_, Atnu_, Gtlam_])))
+    gap = jnp.sum(vf * jnp.abs(s * lam)) / (1 + jnp.abs(obj))
+    residual = jnp.max(jnp.stack([primal, dual, gap, neg_ / (1 + lam_)]))
+    dual_norm = jnp.maximum(nu_, lam_)
+    value = jnp.dot(b, nu, precision=_HI) + jnp.dot(h, lam, precision=_HI)
+    pinf = (
+        (dual_norm > 0)
+        & (farkas_ <= eps_inf * (sc.A + sc.G) * dual_norm)
+        & (value < -eps_inf * (1 + sc.b + sc.h) * dual_norm)
+    )
+    g_max = jnp.max(jnp.where(valid, Gy, -jnp.inf)) if Gy.size else jnp.zeros((), y.dtype)
+    dinf = (
+        (y_ > 0)
+        & (Qy_ <= eps_inf * sc.Q * y_)
+        & (Ay_ <= eps_inf * (1 + sc.A) * y_)
+        & (g_max <= eps_inf * (1 + sc.G) * y_)
+        & (cy < -eps_inf * sc.c * y_)
+    )
+    return _Measure(residual, pinf, dinf)
+
+
+def _point_residual(qp: _QP, sc: _Scales, y, nu, lam, valid):
+    """Relative KKT residual of a returned point; the slack is ``max(h - G y, 0)``."""
+    s = jnp.where(valid, jnp.maximum(qp.h - _mm(qp.G, y), 0), 0)
+    return _measure(qp, sc, y, nu, lam, s, valid, jnp.zeros((), y.dtype)).residual
+
+
+def _active_mask(y, lam, G, h, tol):
+    """Active rows: slack within ``tol_h`` and multiplier above ``tol_lam`` (§1.3, §2.4).
+
+    ``tol_h = sqrt(tol) (1 + max(|h|, |G y|))`` and ``tol_lam = sqrt(tol) (1 + max|lam|)``, so
+    weakly active rows (zero multiplier) are *dropped*: the derivative returned at such a
+    point is the one-sided derivative along perturbations that make those rows inactive.
+    """
+    y, lam, G, h = (lax.stop_gradient(a) for a in (y, lam, G, h))
+    valid = _valid(h)
+    Gy = jnp.where(valid, _mm(G, y), 0)
+    hs = _safe_h(h)
+    h_, Gy_, lam_ = _amaxes(hs, Gy, lam)
+    root = jnp.sqrt(jnp.asarray(tol, y.dtype))
+    return valid & (hs - Gy <= root * (1 + jnp.maximum(h_, Gy_))) & (lam > root * (1 + lam_))
+
+
+def _active_residual(tol):
+    """The masked active-set KKT residual ``r(z, theta)`` of the implicit rule (§1.3)."""
+
+    def residual(z, theta):
+        y, nu, lam = z
+        Q, c, A, b, G, h = theta
+        mf = _active_mask(y, lam, G, h, tol).astype(y.dtype)
+        r_y = _mm(_sym(Q), y) + c + _mm(A.T, nu) + _mm(G.T, mf * lam)
+        r_nu = _mm(A, y) - b
+        r_lam = mf * (_mm(G, y) - _safe_h(h)) - (1 - mf) * lam
+        return r_y, r_nu, r_lam
+
+    return residual
+
+
+def _relaxed_residual(mu):
+    """The central-path KKT residual ``lam_i (h - G y)_i = mu`` of the relaxed rule."""
+
+    def residual(z, theta):
+        y, nu, lam = z
+        Q, c, A, b, G, h = theta
+        valid = _valid(h)
+        r_y = _mm(_sym(Q), y) + c + _mm(A.T, nu) + _mm(G.T, jnp.where(valid, lam, 0))
+        r_nu = _mm(A, y) - b
+        r_lam = jnp.where(valid, lam * (_safe_h(h) - _mm(G, y)) - mu, lam)
+        return r_y, r_nu, r_lam
+
+    return residual
+
+
+# --------------------------------------------------------------------------------------------
+# The interior-point method.
+
+
+class _IPMOut(NamedTuple):
+    y: Array
+    nu: Array
+    lam: Array
+    s: Array
+    num_steps: Array
+    flag: Array  # 0 running (max steps), 1 converged, 2 primal infeasible, 3 unbounded, 4 nonfinite
+    residual: Array  # relative KKT residual of the final iterate (with its slack s)
+
+
+_RUNNING, _CONVERGED, _PINF, _DINF, _NONFINITE = 0, 1, 2, 3, 4
+
+
+def _regularisation(dtype):
+    """Static regularisation of the Newton matrices: ``1e-2 sqrt(eps)``."""
+    return float(jnp.finfo(dtype).eps) ** 0.5 * 1e-2
+
+
+def _step_to_boundary(x, dx, valid):
+    """Largest ``t <= 1`` with ``x + t dx >= 0`` on valid rows."""
+    neg = valid & (dx < 0)
+    ratio = jnp.where(neg, -x / jnp.where(neg, dx, -1), jnp.inf)
+    if ratio.size == 0:
+        return jnp.ones((), x.dtype)
+    return jnp.minimum(jnp.min(ratio), 1).astype(x.dtype)
+
+
+def _newton_system(qp: _QP, lam, s, valid):
+    """LU of the augmented Newton matrix ``[Q, A', G'; A, 0, 0; G, 0, -diag(s/lam)]``.
+
+    The symmetric quasi-definite regularisation ``diag(delta, -delta, -delta)`` guards against
+    a rank-deficient ``A`` or a singular ``Q``; the unregularised matrix is returned for
+    iterative refinement. Rows with ``h_i = +inf`` read ``-dlam_i = 0``. The augmented form
+    (rather than the reduced ``Q + G'diag(lam/s)G``) keeps the dual residual accurate in float32.
+    """
+    Q, _, A, _, G, _ = qp
+    n, p, k = Q.shape[0], A.shape[0], G.shape[0]
+    w = jnp.where(valid, s / jnp.where(valid, lam, 1), 0)
+    K0 = _kkt_matrix(Q, A, G, valid, jnp.zeros((), Q.dtype))
+    K0 = K0 - jnp.diag(jnp.concatenate([jnp.zeros((n + p,), Q.dtype), w]))
+    delta = _regularisation(Q.dtype)
+    reg = jnp.concatenate([jnp.full((n,), delta, Q.dtype), jnp.full((p + k,), -delta, Q.dtype)])
+    fact = ls.factorize(K0 + jnp.diag(reg), structure="general")
+    return fact, K0
+
+
+def _refined_solve(fact, K0, rhs, steps=1):
+    """Solve with ``fact`` (of a regularised ``K0``), then ``steps`` rounds of refinement on ``K0``.
+
+    A ``fori_loop`` keeps a single solve in the compiled program.
+    """
+
+    def body(_, x):
+        return x + ls.solve_factorized(fact, rhs - _mm(K0, x))
+
+    return lax.fori_loop(0, steps + 1, body, jnp.zeros_like(rhs))
+
+
+def _direction(qp: _QP, fact, K0, rd, rp, ri, rc, lam, valid):
+    """Newton direction of the slack-form KKT system for the complementarity residual ``rc``.
+
+    Eliminating ``ds = -(rc + s dlam) / lam`` from ``S dlam + Lam ds = -rc`` leaves
+    ``[Q A' G'; A 0 0; G 0 -S/Lam] [dy; dnu; dlam] = [-rd; -rp; -ri + rc/lam]``.
+    """
+    n, p = qp.Q.shape[0], qp.A.shape[0]
+    lam_safe = jnp.where(valid & (lam > 0), lam, 1)
+    rhs = jnp.concatenate([-rd, -rp, jnp.where(valid, -ri + rc / lam_safe, 0)])
+    sol = _refined_solve(fact, K0, rhs)
+    dy, dnu = sol[:n], sol[n : n + p]
+    dlam = jnp.where(valid, sol[n + p :], 0)
+    ds = jnp.where(valid, -ri - _mm(qp.G, dy), 0)
+    return dy, dnu, dlam, ds
+
+
+def _kkt_vectors(qp: _QP, y, nu, lam, s, valid):
+    vf = valid.astype(y.dtype)
+    rd = _mm(qp.Q, y) + qp.c + _mm(qp.A.T, nu) + _mm(qp.G.T, vf * lam)
+    rp = _mm(qp.A, y) - qp.b
+    ri = vf * (_mm(qp.G, y) + s - qp.h)
+    return rd, rp, ri
+
+
+def _initial_point(qp: _QP, valid, init, warm):
+    """Starting point of the interior-point method.
+
+    Cold: cvxopt's start (the KKT solve with ``s = lam = 1``, then a shift into the interior).
+    Warm (``warm`` a traced flag): ``init = (y, nu, lam)`` with slacks and multipliers pushed
+    into the interior.
+    """
+
+    def warm_start():
+        y, nu, lam = init
+        floor = 1e-2 * (1 + _amaxes(lam)[0])
+        s = jnp.where(valid, jnp.maximum(qp.h - _mm(qp.G, y), floor), 1)
+        lam = jnp.where(valid, jnp.maximum(lam, floor), 0)
+        return y, nu, lam, s
+
+    return lax.cond(warm, warm_start, lambda: _cold_start(qp, valid))
+
+
+def _cold_start(qp: _QP, valid):
+    Q, c, A, b, G, h = qp
+    dtype = Q.dtype
+    ones = jnp.ones_like(h)
+    fact, K0 = _newton_system(qp, ones, ones, valid)
+    sol = _refined_solve(fact, K0, jnp.concatenate([-c, b, jnp.where(valid, h, 0)]))
+    n, p = Q.shape[0], A.shape[0]
+    y, nu = sol[:n], sol[n : n + p]
+    z = jnp.where(valid, sol[n + p :], 0)  # = G y - h: the multiplier candidate; slack -z
+
+    def shift(x):
+        top = jnp.max(jnp.where(valid, -x, -jnp.inf)) if x.size else jnp.zeros((), dtype)
+        bump = jnp.where(top >= -1e-8 * jnp.maximum(_amaxes(x)[0], 1), 1 + top, 0)
+        return jnp.where(valid, x + bump, 0)
+
+    return y, nu, shift(z), jnp.where(valid, shift(-z), 1)
+
+
+def _ipm(qp: _QP, sc: _Scales, valid, tol, max_iter, init, warm):
+    """Mehrotra predictor-corrector on ``G y + s = h``, ``s, lam >= 0``, fixed shapes.
+
+    Stops when the relative KKT residual is below ``tol``, on an infeasibility certificate,
+    on a non-finite step (the last finite iterate is kept) or after ``max_iter`` steps.
+    """
+    dtype = qp.Q.dtype
+    eps_inf = (0.1 * jnp.sqrt(jnp.maximum(tol, 1e-8))).astype(dtype)
+    vf = valid.astype(dtype)
+    k_eff = jnp.maximum(jnp.sum(vf), 1)
+
+    def body(state):
+        it, y, nu, lam, s, _, _, _ = state
+        # Test the current iterate first (one copy of the test in the program); the step
+        # below is discarded when the iterate passes or fails it, or at the step limit.
+        m = _measure(qp, sc, y, nu, lam, s, valid, eps_inf)
+        flag = jnp.where(
+            m.residual <= tol,
+            _CONVERGED,
+            jnp.where(m.pinf, _PINF, jnp.where(m.dinf, _DINF, _RUNNING)),
+        )
+        stop = (flag != _RUNNING) | (it >= max_iter)
+        rd, rp, ri = _kkt_vectors(qp, y, nu, lam, s, valid)
+        mu = jnp.sum(vf * s * lam) / k_eff
+        fact, K0 = _newton_system(qp, lam, s, valid)
+
+        # Predictor (affine scaling, rc = s * lam), then corrector (centring plus the
+        # second-order term) with the same factorisation; a fori_loop keeps one solve.
+        def predictor_corrector(_, carry):
+            rc, _ = carry
+            step = _direction(qp, fact, K0, rd, rp, ri, rc, lam, valid)
+            _, _, dlam, ds = step
+            t = jnp.minimum(_step_to_boundary(s, ds, valid), _step_to_boundary(lam, dlam, valid))
+            mu_aff = jnp.sum(vf * (s + t * ds) * (lam + t * dlam)) / k_eff
+            sigma = jnp.clip(jnp.where(mu > 0, mu_aff / jnp.where(mu > 0, mu, 1), 0) ** 3, 0, 1)
+            return vf * (s * lam + ds * dlam - sigma * mu), step
+
+        zeros = (jnp.zeros_like(y), jnp.zeros_like(nu), jnp.zeros_like(lam), jnp.zeros_like(s))
+        _, (dy, dnu, dlam, ds) = lax.fori_loop(0, 2, predictor_corrector, (vf * s * lam, zeros))
+        t = jnp.minimum(_step_to_boundary(s, ds, valid), _step_to_boundary(lam, dlam, valid))
+        t = jnp.minimum(1, 0.99 * t)
+        new = (y + t * dy, nu + t * dnu, lam + t * dlam, jnp.where(valid, s + t * ds, 1))
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in new]))
+        take = ~stop & finite
+        y, nu, lam, s = (jnp.where(take, a, b) for a, b in zip(new, (y, nu, lam, s), strict=True))
+        flag = jnp.where(~stop & ~finite, _NONFINITE, flag)
+        return it + take.astype(it.dtype), y, nu, lam, s, flag, m.residual, stop | ~finite
+
+    def cond(state):
+        return ~state[7]
+
+    y, nu, lam, s = _initial_point(qp, valid, init, warm)
+    inf = jnp.asarray(jnp.inf, dtype)
+    start = (jnp.asarray(0, jnp.int32), y, nu, lam, s)
+    state = (*start, jnp.asarray(_RUNNING), inf, jnp.asarray(False))
+    it, y, nu, lam, s, flag, residual, _ = lax.while_loop(cond, body, state)
+    return _IPMOut(y, nu, jnp.where(valid, lam, 0), s, it, flag, residual)
+
+
+def _polish(qp: _QP, sc: _Scales, out: _IPMOut, valid, ridge, tol, max_rounds=4):
+    """Solve the equality KKT system on a guessed active set (ALGORITHMS.md §2.3).
+
+    The first guess is ``I = {lam_i > s_i}`` at the interior point. A guess is accepted when
+    the solution of the KKT system on ``I`` is finite, primal feasible (``h - G y >= -tol``,
+    relative) and dual feasible (``lam_I >= -tol``, relative). Otherwise the primal-dual
+    active-set update ``I <- {i in I : lam_i >= 0} + {i not in I : (h - G y)_i < 0}`` is
+    tried, at most ``max_rounds`` guesses in all: near-degenerate points, where the interior
+    point cannot tell ``lam_i`` from ``s_i``, need it.
+
+    Returns:
+      The polished point, whether a guess was accepted, its mask, the LU factorisation of the
+      ridged masked KKT matrix for that mask (reused by the implicit rule's backward pass) and
+      the relative KKT residual of the polished point.
+    """
+    Q, c, A, b, G, h = qp
+    dtype = Q.dtype
+    n, p = Q.shape[0], A.shape[0]
+
+    def attempt(m):
+        K0 = _kkt_matrix(Q, A, G, m, jnp.zeros((), dtype))
+        K = _kkt_matrix(Q, A, G, m, jnp.asarray(ridge, dtype))
+        fact = ls.factorize(K, structure="general")
+        sol = _refined_solve(fact, K0, jnp.concatenate([-c, b, jnp.where(m, h, 0)]), steps=2)
+        y, nu, lam = sol[:n], sol[n : n + p], jnp.where(m, sol[n + p :], 0)
+        Gy = jnp.where(valid, _mm(G, y), 0)
+        slack = jnp.where(valid, h - Gy, 0)
+        Gy_, lam_ = _amaxes(Gy, lam)
+        tol_s = tol * (1 + jnp.maximum(sc.h, Gy_))
+        tol_l = tol * (1 + lam_)
+        ok = jnp.all(jnp.isfinite(sol)) & jnp.all(slack >= -tol_s) & jnp.all(lam >= -tol_l)
+        update = valid & jnp.where(m, lam >= -tol_l, slack < -tol_s)
+        return (y, nu, jnp.maximum(lam, 0)), fact, ok, update
+
+    def cond(state):
+        it, _, _, _, ok, _ = state
+        return (it < max_rounds) & ~ok
+
+    def body(state):
+        it, _, _, _, _, m = state
+        z, fact, ok, update = attempt(m)
+        return it + 1, z, fact, m, ok, jnp.where(ok, m, update)
+
+    m0 = valid & (out.lam > out.s)
+    # Zeros shaped like attempt's outputs start the loop (which runs at least once).
+    z, fact, _, _ = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(attempt, m0))
+    state = (jnp.asarray(0, jnp.int32), z, fact, m0, jnp.asarray(False), m0)
+    _, z, fact, m, ok, _ = lax.while_loop(cond, body, state)
+    return z, ok, m, fact, _point_residual(qp, sc, *z, valid)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward solve shared by the three rules.
+
+
+class _Forward(NamedTuple):
+    """Non-differentiable by-products of the forward solve."""
+
+    info: Info
+    polished: Array
+    mask: Array
+    fact: Any  # ls.Factorization of the polish (zeros when it did not run)
+
+
+@jax.jit
+def _forward(theta, init, warm, polish, ridge, tol, max_iter):
+    """Interior point, polish and ``info``.
+
+    Jitted with every option traced, so that eager calls reuse one compilation per shape and
+    dtype whatever the options, whatever is differentiated and whichever rule runs backward.
+    """
+    Q, c, A, b, G, h = theta
+    valid = _valid(h)
+    qp = _QP(_sym(Q), c, A, b, G, _safe_h(h))
+    sc = _Scales(*_amaxes(qp.Q, c, A, b, G, jnp.where(valid, qp.h, 0)))
+    out = _ipm(qp, sc, valid, tol, max_iter, init, warm)
+    z = (out.y, out.nu, out.lam)
+    residual = out.residual
+
+    def skip():
+        shapes = jax.eval_shape(_polish, qp, sc, out, valid, ridge, tol)
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+    polish = polish & (out.flag != _PINF) & (out.flag != _DINF)
+    z_p, ok, m, fact, residual_p = lax.cond(
+        polish, lambda: _polish(qp, sc, out, valid, ridge, tol), skip
+    )
+    ok = polish & ok & (residual_p <= jnp.maximum(residual, tol))
+    z = tuple(jnp.where(ok, a, b) for a, b in zip(z_p, z, strict=True))
+    residual = jnp.where(ok, residual_p, residual)
+    # Status: non-finite data or iterate > infeasible (certificate or h_i = -inf) > unbounded >
+    # converged (residual of the returned point) > max steps.
+    finite = jnp.all(jnp.isfinite(jnp.stack(list(sc)))) & ~jnp.any(jnp.isnan(h))
+    finite = finite & jnp.isfinite(residual) & (out.flag != _NONFINITE)
+    infeasible = (out.flag == _PINF) | jnp.any(h == -jnp.inf)
+    converged = residual <= tol
+    status = jnp.where(converged, Status.SUCCESS, Status.MAX_STEPS)
+    status = jnp.where(out.flag == _DINF, Status.UNBOUNDED, status)
+    status = jnp.where(infeasible, Status.INFEASIBLE, status)
+    status = jnp.where(finite, status, Status.NONFINITE)
+    info = make_info(out.num_steps, residual, status == Status.SUCCESS, status)
+    return z, _Forward(info, ok, m, fact)
+
+
+def _central_path_point(theta, z, mu, tol, max_iter):
+    """Newton's method on the barrier KKT system ``lam * s = mu`` from the QP solution ``z``.
+
+    The start pushes ``s`` and ``lam`` to ``s * lam >= mu`` (active rows get ``s = mu/lam``,
+    inactive rows ``lam = mu/s``); steps keep ``s, lam > 0`` (fraction to the boundary 0.99).
+    """
+    Q, c, A, b, G, h = theta
+    valid = _valid(h)
+    qp = _QP(_sym(Q), c, A, b, G, _safe_h(h))
+    sc = _Scales(*_amaxes(qp.Q, c, A, b, G, jnp.where(valid, qp.h, 0)))
+    dtype = Q.dtype
+    vf = valid.astype(dtype)
+    mu = jnp.asarray(mu, dtype)
+    y, nu, lam = z
+    root = jnp.sqrt(mu)
+    s = jnp.where(valid, qp.h - _mm(G, y), 1)
+    s = jnp.where(valid, jnp.maximum(s, mu / jnp.maximum(lam, root)), 1)
+    lam = jnp.where(valid, jnp.maximum(lam, mu / jnp.maximum(s, root)), 0)
+
+    def residual(y, nu, lam, s):
+        rd, rp, ri = _kkt_vectors(qp, y, nu, lam, s, valid)
+        rd_, rp_, ri_, rc_, y_, nu_, lam_ = _amaxes(rd, rp, ri, vf * (s * lam - mu), y, nu, lam)
+        primal = jnp.maximum(rp_, ri_) / (1 + sc.b + sc.h + (sc.A + sc.G) * y_)
+        dual = rd_ / (1 + sc.c + sc.Q * y_ + sc.A * nu_ + sc.G * lam_)
+        return jnp.max(jnp.stack([primal, dual, rc_ / mu]))
+
+    def body(state):
+        it, y, nu, lam, s, _ = state
+        rd, rp, ri = _kkt_vectors(qp, y, nu, lam, s, valid)
+        fact, K0 = _newton_system(qp, lam, s, valid)
+        dy, dnu, dlam, ds = _direction(qp, fact, K0, rd, rp, ri, vf * (s * lam - mu), lam, valid)
+        t = jnp.minimum(_step_to_boundary(s, ds, valid), _step_to_boundary(lam, dlam, valid))
+        t = jnp.minimum(1, 0.99 * t)
+        y, nu, lam = y + t * dy, nu + t * dnu, lam + t * dlam
+        s = jnp.where(valid, s + t * ds, 1)
+        return it + 1, y, nu, lam, s, residual(y, nu, lam, s)
+
+    def cond(state):
+        return (state[0] < max_iter) & (state[5] > tol)
+
+    state = (jnp.asarray(0, jnp.int32), y, nu, lam, s, residual(y, nu, lam, s))
+    _, y, nu, lam, _, _ = lax.while_loop(cond, body, state)
+    return y, nu, jnp.where(valid, lam, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward rules. Each is jitted on its own, so that eager calls reuse the compilation.
+
+
+@jax.jit
+def _implicit_backward(zbar, z, theta, polished, polish_mask, polish_fact, ridge, tol):
+    """The ``"implicit"`` rule: :func:`implicit_backward` on the masked active-set residual.
+
+    The adjoint system is the masked KKT matrix with ``-ridge`` on the multiplier diagonal,
+    factorised afresh unless the polish factorised the same matrix (same mask).
+    """
+
+    def adjoint_solve(vjp_z, zbar, z, theta, aux):
+        del vjp_z, aux  # the matrix is built from the data (or reused from the polish)
+        y, nu, lam = z
+        Q, _, A, _, G, h = theta
+        m = _active_mask(y, lam, G, h, tol)
+        n, p = y.shape[0], nu.shape[0]
+
+        def fresh():
+            K = _kkt_matrix(_sym(Q), A, G, m, jnp.asarray(ridge, y.dtype))
+            return ls.factorize(K, structure="general")
+
+        reuse = polished & jnp.all(m == polish_mask)
+        fact = lax.cond(reuse, lambda: polish_fact, fresh)
+        u = ls.solve_factorized(fact, jnp.concatenate(list(zbar)))
+        return u[:n], u[n : n + p], u[n + p :]
+
+    return implicit_backward(_active_residual(tol), adjoint_solve)(zbar, z, theta, None)
+
+
+@jax.jit
+def _relaxed_backward(zbar, z, theta, ridge, mu, tol, max_iter):
+    """The ``"relaxed"`` rule: :func:`implicit_backward` on the central-path residual.
+
+    The central-path point ``z_mu`` for this ``mu`` is computed here, from the QP solution
+    ``z`` (only when a gradient is asked for). The Jacobian of
+    ``[Q y + c + A'nu + G'lam; A y - b; lam * (h - G y) - mu]`` at ``z_mu`` is not symmetric;
+    its transpose is solved with an LU factorisation.
+    """
+    z_mu = _central_path_point(theta, z, mu, tol, max_iter)
+
+    def adjoint_solve(vjp_z, zbar, z, theta, aux):
+        del vjp_z, aux
+        y, nu, lam = z
+        Q, _, A, _, G, h = theta
+        dtype = y.dtype
+        n, p, k = y.shape[0], nu.shape[0], lam.shape[0]
+        valid = _valid(h)
+        slack = jnp.where(valid, _safe_h(h) - _mm(G, y), 1)
+        GV = G * valid.astype(dtype)[:, None]
+        # Rows of h_i = +inf read lam_i = 0; -ridge on the equality block as in "implicit".
+        top = jnp.concatenate([_sym(Q), A.T, GV.T], 1)
+        mid = jnp.concatenate([A, -ridge * jnp.eye(p, dtype=dtype), jnp.zeros((p, k), dtype)], 1)
+        low = jnp.concatenate([-lam[:, None] * GV, jnp.zeros((k, p), dtype), jnp.diag(slack)], 1)
+        J = jnp.concatenate([top, mid, low], 0)
+        rhs = jnp.concatenate(list(zbar))
+        u = ls.solve_factorized(ls.factorize(J, structure="general"), rhs, transpose=True)
+        return u[:n], u[n : n + p], u[n + p :]
+
+    return implicit_backward(_relaxed_residual(mu), adjoint_solve)(zbar, z_mu, theta, None)
+
+
+@jax.jit
+def _penalty_backward(zbar, z, theta, alpha, ridge, tol):
+    """Kornowski et al.'s first-order oracle as a VJP (ALGORITHMS.md §1.5, quadratic form).
+
+    For the cotangent ``(v, rho_E, rho_I)`` (normalised to unit norm, the result rescaled) and
+    the constraints ``C_I = [A; G_I]`` (equalities and active rows), solve the penalty problem
+
+        (Q + alpha^-2 C_I'C_I) Delta = -alpha^2 v - C_I' rho ,   y_hat = y* + Delta ,
+
+    i.e. ``y_hat = argmin alpha^2 v'y + L(y, nu*, lam*) + alpha^-2/2 ||C_I y - d_I + alpha^2
+    rho||^2`` with ``C_I y* = d_I``, and return the gradient in ``theta`` of
+
+        alpha^-2 [L(theta, y_hat) - L(theta, y*)] + e' (C_I(theta) y_hat - d_I(theta)) ,
+        e = alpha^-4 (C_I Delta + alpha^2 rho)   (held fixed).
+
+    The Lagrangian difference is expanded exactly (``L`` is quadratic in ``y``), so no
+    cancellation of large values occurs. As ``alpha -> 0``, ``Delta ~ -alpha^2 w`` and
+    ``e -> -mu``: the implicit rule, with error ``O(alpha^2)``. The multiplier-cotangent term
+    ``rho`` is our extension (derived) of the oracle, which the paper states for objectives of
+    ``y`` only.
+    """
+    y, nu, lam = z
+    Q, c, A, b, G, h = theta
+    dtype = y.dtype
+    mf = _active_mask(y, lam, G, h, tol).astype(dtype)
+    v, rho_e, rho_i = zbar
+    rho_i = mf * rho_i
+    scale = jnp.sqrt(jnp.sum(v**2) + jnp.sum(rho_e**2) + jnp.sum(rho_i**2))
+    inv = jnp.where(scale > 0, 1 / jnp.where(scale > 0, scale, 1), 0)
+    v, rho_e, rho_i = v * inv, rho_e * inv, rho_i * inv
+    a2 = jnp.asarray(alpha, dtype) ** 2
+    GI = G * mf[:, None]
+    P = _sym(Q) + (_mm(A.T, A) + _mm(GI.T, GI)) / a2 + ridge * jnp.eye(y.shape[0], dtype=dtype)
+    rhs = -a2 * v - _mm(A.T, rho_e) - _mm(GI.T, rho_i)
+    delta = ls.solve_factorized(ls.factorize(P, structure="spd"), rhs)
+    y_hat = y + delta
+    e_e = (_mm(A, delta) + a2 * rho_e) / a2**2
+    e_i = mf * (_mm(G, delta) + a2 * rho_i) / a2**2
+    lam_v = jnp.where(_valid(h), lam, 0)
+
+    def phi(th):
+        Q_, c_, A_, b_, G_, h_ = th
+        grad_l = _mm(_sym(Q_), y) + c_ + _mm(A_.T, nu) + _mm(G_.T, lam_v)
+        gap = jnp.dot(grad_l, delta, precision=_HI) + 0.5 * jnp.dot(
+            delta, _mm(Q_, delta), precision=_HI
+        )
+        penalty = jnp.dot(e_e, _mm(A_, y_hat) - b_, precision=_HI) + jnp.dot(
+            e_i, _mm(G_, y_hat) - _safe_h(h_), precision=_HI
+        )
+        return gap / a2 + penalty
+
+    return tuple(scale * g for g in jax.grad(phi)(theta))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _is_number(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_options(hypergrad, tol, max_iter, ridge, alpha, mu, polish):
+    if hypergrad not in HYPERGRADS:
+        raise ValueError(f"hypergrad must be one of {HYPERGRADS}, got {hypergrad!r}.")
+    for name, value in (("tol", tol), ("alpha", alpha), ("mu", mu)):
+        if value is not None and not (_is_number(value) and value > 0):
+            raise ValueError(f"{name} must be a positive Python number or None, got {value!r}.")
+    if ridge is not None and not (_is_number(ridge) and ridge >= 0):
+        raise ValueError(f"ridge must be a Python number >= 0 or None, got {ridge!r}.")
+    if max_iter is not None and (
+        isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1
+    ):
+        raise ValueError(f"max_iter must be a positive integer or None, got {max_iter!r}.")
+    if not isinstance(polish, bool):
+        raise ValueError(f"polish must be True or False, got {polish!r}.")
+
+
+def _as_float(name, x, ndim):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating) or not (
+        jnp.issubdtype(x.dtype, jnp.floating)
+        or jnp.issubdtype(x.dtype, jnp.integer)
+        or x.dtype == bool
+    ):
+        raise TypeError(f"{name} must be a real array, got dtype {x.dtype}.")
+    if x.ndim != ndim:
+        want = "a matrix (2-D)" if ndim == 2 else "a vector (1-D)"
+        raise ValueError(f"{name} must be {want}, got shape {x.shape}.")
+    return x
+
+
+def _check_data(Q, c, A, b, G, h):
+    Q = _as_float("Q", Q, 2)
+    n = Q.shape[0]
+    if Q.shape != (n, n) or n == 0:
+        raise ValueError(f"Q must be a non-empty square matrix, got shape {Q.shape}.")
+    c = _as_float("c", c, 1)
+    if c.shape != (n,):
+        raise ValueError(f"c has shape {c.shape} but Q has {n} rows; c must have shape ({n},).")
+    out = [Q, c]
+    for mat, vec, mname, vname in ((A, b, "A", "b"), (G, h, "G", "h")):
+        if (mat is None) != (vec is None):
+            given, missing = (mname, vname) if vec is None else (vname, mname)
+            raise ValueError(f"{given} was given without {missing}; pass both or neither.")
+        if mat is None:
+            out += [None, None]
+            continue
+        mat = _as_float(mname, mat, 2)
+        vec = _as_float(vname, vec, 1)
+        if mat.shape[1] != n:
+            raise ValueError(
+                f"{mname} has shape {mat.shape} but Q has {n} rows; "
+                f"{mname} must have shape ({mat.shape[0]}, {n})."
+            )
+        if vec.shape != (mat.shape[0],):
+            raise ValueError(
+                f"{vname} has shape {vec.shape} but {mname} has {mat.shape[0]} rows; "
+                f"{vname} must have shape ({mat.shape[0]},)."
+            )
+        out += [mat, vec]
+    arrays = [x for x in out if x is not None]
+    dtype = jnp.result_type(*arrays)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.result_type(float)
+    Q, c, A, b, G, h = (None if x is None else x.astype(dtype) for x in out)
+    if A is None:
+        A, b = jnp.zeros((0, n), dtype), jnp.zeros((0,), dtype)
+    if G is None:
+        G, h = jnp.zeros((0, n), dtype), jnp.zeros((0,), dtype)
+    return (Q, c, A, b, G, h), dtype
+
+
+def _check_init(init, n, p, k, dtype):
+    if init is None:
+        return None
+    if not (isinstance(init, (tuple, list)) and len(init) == 3):
+        raise TypeError("init must be a triple (y, nu, lam) (nu or lam may be None).")
+    y, nu, lam = init
+    shapes = {"y": (n,), "nu": (p,), "lam": (k,)}
+    out = []
+    for name, x in zip(("y", "nu", "lam"), (y, nu, lam), strict=True):
+        if x is None:
+            if name == "y":
+                raise ValueError("init y must be an array of shape (n,), got None.")
+            x = jnp.zeros(shapes[name], dtype)
+        x = jnp.asarray(x)
+        if x.shape != shapes[name]:
+            raise ValueError(f"init {name} has shape {x.shape} but must have shape {shapes[name]}.")
+        out.append(lax.stop_gradient(x.astype(dtype)))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The public entry point.
+
+
+def solve_qp(
+    Q: ArrayLike,
+    c: ArrayLike,
+    A: ArrayLike | None = None,
+    b: ArrayLike | None = None,
+    G: ArrayLike | None = None,
+    h: ArrayLike | None = None,
+    *,
+    hypergrad: str = "implicit",
+    tol: float | None = None,
+    max_iter: int | None = None,
+    ridge: float | None = None,
+    alpha: float | None = None,
+    mu: float | None = None,
+    polish: bool = True,
+    init: tuple | None = None,
+    throw: bool = False,
+) -> QPSolution:
+    r"""Solve a dense convex QP, differentiably with respect to all of its data.
+
+    .. math::
+        \min_y \tfrac12 y^T Q y + c^T y \quad \text{s.t.} \quad A y = b,\; G y \le h
+
+    KKT conditions: ``Q y + c + A'nu + G'lam = 0``, ``A y = b``, ``G y <= h``, ``lam >= 0``,
+    ``lam * (h - G y) = 0``. Only the symmetric part of ``Q`` matters (and gets the gradient).
+
+    **Forward.** Mehrotra predictor-corrector interior-point method on ``G y + s = h``; each
+    iteration factorises (LU) the augmented Newton matrix
+    ``[Q, A', G'; A, 0, 0; G, 0, -diag(s/lam)]`` once for both predictor and corrector (the
+    augmented rather than the reduced ``Q + G'diag(lam/s)G`` form keeps float32 accurate); a
+    tiny static regularisation plus one step of iterative refinement handles a rank-deficient
+    ``A`` or a singular ``Q``. It stops when the relative primal, dual and complementarity
+    residuals are below ``tol``, or on an infeasibility certificate. With ``polish=True`` the
+    equality KKT system on ``I = {lam_i > s_i}`` is then solved, with up to three primal-dual
+    active-set corrections of ``I`` (add violated rows, drop negative multipliers) near
+    degenerate points; the result is accepted only if primal and dual feasible and not worse,
+    and makes ``y``, ``nu``, ``lam`` exact to rounding and inactive ``lam_i`` exactly 0.
+    An ``h_i = +inf`` means "no constraint": the row is masked out of every iteration and
+    backward system (its multiplier and cotangents are exactly 0).
+
+    **Backward** (``hypergrad``):
+
+    * ``"implicit"`` (exact): implicit function theorem on the active-set KKT system, in the
+      static-shape masked form ``K = [Q, A', G'M; A, -eps I, 0; MG, 0, -(I-M) - eps M]``
+      with ``eps = ridge``, solved with the polish LU when the masks agree. With ``(w, mu)``
+      the solution of ``K [w; mu_E; mu_I] = [ybar; nubar; lambar]`` the gradients are those of
+      OptNet: ``cbar = -w``, ``Qbar = -(w y' + y w')/2``, ``bbar = mu_E``,
+      ``Abar = -(nu w' + mu_E y')``, ``hbar_I = mu_I``, ``Gbar_I = -(lam_I w' + mu_I y')``,
+      zero for inactive rows. Active rows: ``h_i - G_i y <= sqrt(tol) (1 + max(|h|, |Gy|))``
+      *and* ``lam_i > sqrt(tol) (1 + max|lam|)``. **Weakly active rows** (active with a zero
+      multiplier, where ``y*`` is not differentiable) are therefore *dropped*: the value
+      returned is the one-sided derivative along perturbations that make those rows
+      inactive, an element of the Clarke generalised Jacobian. ``ridge > 0`` keeps the
+      gradient finite when active rows are linearly dependent (LICQ fails).
+    * ``"relaxed"``: implicit function theorem on the central-path system
+      ``lam_i (h - G y)_i = mu`` at the point that Newton's method finds for this ``mu`` from
+      the QP solution (computed on the backward pass), as qpax does: smooth and informative
+      at active constraints; at strictly complementary points it is ``O(mu / margin^2)`` from
+      the exact derivative (``margin`` the smaller of the active multipliers and inactive
+      slacks); at a weakly active row it averages the two one-sided derivatives. The returned
+      solution is still the exact QP solution.
+    * ``"penalty"``: Kornowski et al.'s first-order oracle in VJP form (§1.5): one SPD solve
+      with ``Q + alpha^-2 C_I'C_I`` (``C_I`` = ``A`` and the active rows of ``G``) and one
+      gradient of a scalar Lagrangian gap; no KKT matrix. Error ``O(alpha^2)``.
+
+    Assumptions: ``Q`` positive semidefinite and the QP strictly convex on the feasible set
+    (unique ``y``); the exact rules need strict complementarity and LICQ for a true
+    derivative. Failures are reported in ``info.status``: ``INFEASIBLE`` (a Farkas
+    certificate from the diverging multipliers, or an ``h_i = -inf``), ``UNBOUNDED`` (a
+    direction of unbounded descent), ``MAX_STEPS`` (with the residual reached), ``NONFINITE``
+    (non-finite data or iterate; outputs keep the last finite iterate).
+
+    Cost: one ``O((n + p + k)^3)`` LU per iteration, typically 8-15 iterations, plus the
+    polish (one LU, rarely up to four); the ``"implicit"`` backward pass reuses the polish
+    factorisation (two triangular solves) when the active masks agree, the others factorise
+    once (``"relaxed"`` also runs a few Newton steps). Forward mode (``jax.jvp``) is not
+    supported (``custom_vjp``). Under ``jax.vmap`` the ``while_loop`` runs until the slowest
+    member of the batch has converged, and ``lax.cond`` becomes a select, so the backward
+    factorisation is recomputed for every member. The numerical options are traced inside
+    the compiled solver: changing ``tol``, ``ridge``, ``alpha``, ... does not recompile it.
+
+    Args:
+      Q: ``(n, n)`` positive semidefinite matrix.
+      c: ``(n,)`` vector.
+      A: optional ``(p, n)`` equality matrix (with ``b``).
+      b: optional ``(p,)`` equality right-hand side.
+      G: optional ``(k, n)`` inequality matrix (with ``h``).
+      h: optional ``(k,)`` inequality right-hand side; ``+inf`` entries mean "no constraint".
+      hypergrad: ``"implicit"``, ``"relaxed"`` or ``"penalty"``.
+      tol: relative KKT tolerance (default 1e-10 in float64, 1e-6 in float32); the active-set
+        thresholds are ``sqrt(tol)`` relative.
+      max_iter: interior-point iteration limit (default 50).
+      ridge: ``eps >= 0`` on the multiplier diagonal of the backward KKT system (and added to
+        ``Q`` in the penalty solve); default 1e-12 (float64) / 1e-6 (float32). The gradient is
+        that of the regularised system (error ``O(ridge)`` under LICQ).
+      alpha: accuracy of ``"penalty"`` (default 1e-3 float64, 2e-2 float32).
+      mu: barrier parameter of ``"relaxed"`` (default 1e-3), absolute: ``lam_i s_i = mu``.
+      polish: run the active-set polish step.
+      init: optional warm start ``(y, nu, lam)`` (no gradient flows to it).
+      throw: raise :class:`~bilevel_jax.SolveError` if the status is not ``SUCCESS``.
+
+    Returns:
+      A :class:`QPSolution` ``(y, nu, lam, info)`` in the dtype of the data.
+
+    Raises:
+      ValueError, TypeError: at trace time for bad shapes (naming the argument) or options.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> Q, c = jnp.eye(2), jnp.array([-1.0, -1.0])
+      >>> G, h = jnp.array([[1.0, 1.0]]), jnp.array([1.0])  # y_0 + y_1 <= 1
+      >>> sol = solve_qp(Q, c, G=G, h=h)
+      >>> print(sol.y.round(6), sol.lam.round(6), int(sol.info.status))
+      [0.5 0.5] [0.5] 0
+      >>> print(jax.grad(lambda h: solve_qp(Q, c, G=G, h=h).y.sum())(h).round(6))
+      [1.]
+
+    References:
+      Mehrotra. On the implementation of a primal-dual interior point method. SIAM J. Optim.
+      1992. Amos and Kolter. OptNet. ICML 2017. Tracy and Manchester. On the
+      differentiability of the primal-dual interior-point method (qpax). 2024. Kornowski,
+      Padmanabhan, Wang, Zhang, Sra. First-Order Methods for Linearly Constrained Bilevel
+      Optimization. NeurIPS 2024.
+    """
+    _check_options(hypergrad, tol, max_iter, ridge, alpha, mu, polish)
+    theta, dtype = _check_data(Q, c, A, b, G, h)
+    n, p, k = theta[0].shape[0], theta[2].shape[0], theta[4].shape[0]
+    defaults = default_options(dtype)
+    options = _Options(
+        hypergrad=hypergrad,
+        tol=defaults["tol"] if tol is None else float(tol),
+        max_iter=defaults["max_iter"] if max_iter is None else int(max_iter),
+        ridge=defaults["ridge"] if ridge is None else float(ridge),
+        alpha=defaults["alpha"] if alpha is None else float(alpha),
+        mu=defaults["mu"] if mu is None else float(mu),
+        polish=polish,
+        warm=init is not None,
+    )
+    init = _check_init(init, n, p, k, dtype)
+    if init is None:
+        init = (jnp.zeros((n,), dtype), jnp.zeros((p,), dtype), jnp.zeros((k,), dtype))
+    solution = _solve(theta, init, options)
+    check_info(solution.info, throw)
+    return solution
+
+
+class _Options(NamedTuple):
+    """Static (hashable) options: changing one recompiles."""
+
+    hypergrad: str
+    tol: float
+    max_iter: int
+    ridge: float
+    alpha: float
+    mu: float
+    polish: bool
+    warm: bool
+
+
+def _solve(theta, z0, options: _Options) -> QPSolution:
+    """The solve and its hypergradient rule.
+
+    The forward solve is jitted on its own (static options), so eager calls reuse its
+    compilation whatever is differentiated and whichever rule runs backward.
+    """
+    tol, max_iter, ridge = options.tol, options.max_iter, options.ridge
+
+    def forward(z_start, th):
+        return _forward(th, z_start, options.warm, options.polish, ridge, tol, max_iter)
+
+    if options.hypergrad == "implicit":
+
+        def backward(zbar, z, th, aux):
+            fact = aux.fact
+            return _implicit_backward(zbar, z, th, aux.polished, aux.mask, fact, ridge, tol)
+
+        z, aux = custom_solution(forward, backward, z0, theta)
+    elif options.hypergrad == "relaxed":
+
+        def backward(zbar, z, th, aux):
+            return _relaxed_backward(zbar, z, th, ridge, options.mu, tol, max_iter)
+
+        z, aux = custom_solution(forward, backward, z0, theta)
+    else:
+
+        def backward(zbar, z, th, aux):
+            return _penalty_backward(zbar, z, th, options.alpha, ridge, tol)
+
+        z, aux = custom_solution(forward, backward, z0, theta)
+
+    y, nu, lam = z
+    return QPSolution(y, nu, lam, aux.info)
