@@ -36,8 +36,9 @@ from jax.flatten_util import ravel_pytree
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.constrained import Inequalities, interior_point, masked_residual
 from bilevel_jax._src.implicit import custom_solution, implicit_solution
-from bilevel_jax._src.tree import is_inexact, tree_all_finite, tree_scale
+from bilevel_jax._src.tree import tree_all_finite, tree_scale
 from bilevel_jax._src.types import Array, PyTree, Solution, Status, check_info, make_info
+from bilevel_jax._src.validation import check_option, check_scalar_output, flatten_variables
 
 SOLVERS = ("auto", "newton", "lbfgs", "gradient", "interior_point")
 HYPERGRADS = ("implicit", "penalty", "finite_difference", "unrolled")
@@ -659,9 +660,9 @@ def argmin(
       First-Order Methods for Linearly Constrained Bilevel Optimization. NeurIPS 2024 (the
       penalty and finite-difference rules).
     """
-    _check_option("solver", solver, SOLVERS)
-    _check_option("hypergrad", hypergrad, HYPERGRADS)
-    _check_option("linear_solver", linear_solver, LINEAR_SOLVERS)
+    check_option("solver", solver, SOLVERS)
+    check_option("hypergrad", hypergrad, HYPERGRADS)
+    check_option("linear_solver", linear_solver, LINEAR_SOLVERS)
     for name, value in (("tol", tol), ("delta", delta), ("alpha", alpha)):
         if value is not None and not value > 0:
             raise ValueError(f"{name} must be positive, got {value}.")
@@ -670,9 +671,9 @@ def argmin(
     if not ridge >= 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}.")
 
-    y0_flat, unravel = _flatten_y0(y0)
+    y0_flat, unravel = flatten_variables("y0", y0)
     n, dtype = y0_flat.shape[0], y0_flat.dtype
-    _check_objective(g, y0, theta)
+    check_scalar_output(g, (y0, theta), "g(y0, theta)", "g(y, theta)")
     box_only = box is not None and eq is None and ineq is None
     solver = _choose_solver(solver, hypergrad, n, eq, ineq, box, box_only)
     tol = default_tol(dtype) if tol is None else tol
@@ -896,34 +897,6 @@ def _rank_tol(A):
 
 # --------------------------------------------------------------------------------------------
 # Trace-time validation.
-
-
-def _check_option(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
-
-
-def _flatten_y0(y0):
-    leaves = jax.tree_util.tree_leaves(y0)
-    if not leaves:
-        raise ValueError("y0 must contain at least one array, got an empty pytree.")
-    for leaf in leaves:
-        if not is_inexact(leaf):
-            raise TypeError(
-                f"y0 must contain floating-point arrays, got dtype {jnp.result_type(leaf)}; "
-                "pass e.g. jnp.zeros(n) rather than an integer array."
-            )
-    return ravel_pytree(y0)
-
-
-def _check_objective(g, y0, theta):
-    try:
-        out = jax.eval_shape(g, y0, theta)
-    except Exception as err:  # re-raise with the argument named
-        raise TypeError(f"g(y0, theta) could not be evaluated: {err}") from err
-    if not (hasattr(out, "shape") and out.shape == ()):
-        shape = getattr(out, "shape", type(out).__name__)
-        raise TypeError(f"g(y, theta) must return a scalar, got {shape}.")
 
 
 def _check_rows(arg, fn, theta, n, mat, vec):

@@ -49,8 +49,9 @@ from jax.flatten_util import ravel_pytree
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.argmin import argmin, default_tol
 from bilevel_jax._src.implicit import custom_solution, implicit_solution
-from bilevel_jax._src.tree import is_inexact, tree_all_finite
+from bilevel_jax._src.tree import tree_all_finite
 from bilevel_jax._src.types import Array, Info, PyTree, Status, check_info, make_info
+from bilevel_jax._src.validation import check_option, check_scalar_output, flatten_variables
 
 __all__ = ["BilevelSolution", "SaddleSystem", "bilevel_layer", "saddle_system"]
 
@@ -560,10 +561,10 @@ def bilevel_layer(
       Alesiani. Implicit Bilevel Optimization: Differentiating through Bilevel Optimization
       Programming. AAAI 2023 (arXiv 2302.14473).
     """
-    _check_option("mode", mode, MODES)
-    _check_option("solver", solver, SOLVERS)
-    _check_option("inner_solver", inner_solver, INNER_SOLVERS)
-    _check_option("linear_solver", linear_solver, LINEAR_SOLVERS)
+    check_option("mode", mode, MODES)
+    check_option("solver", solver, SOLVERS)
+    check_option("inner_solver", inner_solver, INNER_SOLVERS)
+    check_option("linear_solver", linear_solver, LINEAR_SOLVERS)
     if mode == "schur" and linear_solver == "minres":
         raise ValueError(
             "linear_solver='minres' needs a symmetric system; the Schur complement S^T of "
@@ -632,13 +633,13 @@ def _make_info(problem, zeta, params, aux):
 
 
 def _setup(f, g, eq, x0, y0, z):
-    x0f, unravel_x = _flatten("x0", x0)
-    y0f, unravel_y = _flatten("y0", y0)
+    x0f, unravel_x = flatten_variables("x0", x0)
+    y0f, unravel_y = flatten_variables("y0", y0)
     dtype = jnp.result_type(x0f, y0f)
     x0f, y0f = x0f.astype(dtype), y0f.astype(dtype)
     nx, ny = x0f.shape[0], y0f.shape[0]
-    _check_scalar("f", "f(x0, y0, z)", f, x0, y0, z)
-    _check_scalar("g", "g(x0, y0, z)", g, x0, y0, z)
+    check_scalar_output(f, (x0, y0, z), "f(x0, y0, z)", "f(x, y, z)")
+    check_scalar_output(g, (x0, y0, z), "g(x0, y0, z)", "g(x, y, z)")
     m = 0
     eq_conv, eq_consts = None, ()
     if eq is not None:
@@ -663,34 +664,6 @@ def _setup(f, g, eq, x0, y0, z):
 
     problem = _Problem(f_flat, g_flat, eq_flat, nx, ny, m, dtype)
     return problem, params, x0f, y0f, unravel_x, unravel_y
-
-
-def _check_option(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
-
-
-def _flatten(name, tree):
-    leaves = jax.tree_util.tree_leaves(tree)
-    if not leaves:
-        raise ValueError(f"{name} must contain at least one array, got an empty pytree.")
-    for leaf in leaves:
-        if not is_inexact(leaf):
-            raise TypeError(
-                f"{name} must contain floating-point arrays, got dtype "
-                f"{jnp.result_type(leaf)}; pass e.g. jnp.zeros(n) rather than an integer array."
-            )
-    return ravel_pytree(tree)
-
-
-def _check_scalar(name, call, fn, *args):
-    try:
-        out = jax.eval_shape(fn, *args)
-    except Exception as err:  # re-raise with the argument named
-        raise TypeError(f"{call} could not be evaluated: {err}") from err
-    if not (hasattr(out, "shape") and out.shape == ()):
-        shape = getattr(out, "shape", type(out).__name__)
-        raise TypeError(f"{name}(x, y, z) must return a scalar, got {shape}.")
 
 
 def _check_eq(eq, x0, z, ny):

@@ -36,13 +36,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.implicit import implicit_solution
 from bilevel_jax._src.projections import cast_sets, check_set, flat_projector
-from bilevel_jax._src.tree import is_inexact, tree_all_finite
+from bilevel_jax._src.tree import tree_all_finite
 from bilevel_jax._src.types import Array, PyTree, Status, check_info
+from bilevel_jax._src.validation import check_option, check_scalar_output, flatten_variables
 
 __all__ = ["SaddleInfo", "SaddleSolution", "duality_gap", "saddle_point"]
 
@@ -609,17 +609,17 @@ def saddle_point(
       forward-backward splitting method for monotone inclusions without cocoercivity. SIAM
       J. Optim. 30, 2020.
     """
-    _check_option("solver", solver, SOLVERS)
-    _check_option("hypergrad", hypergrad, HYPERGRADS)
-    _check_option("linear_solver", linear_solver, LINEAR_SOLVERS)
+    check_option("solver", solver, SOLVERS)
+    check_option("hypergrad", hypergrad, HYPERGRADS)
+    check_option("linear_solver", linear_solver, LINEAR_SOLVERS)
     _check_common(tol, max_iter, step_size, ridge)
     if not isinstance(gap_steps, int) or isinstance(gap_steps, bool) or gap_steps < 1:
         raise ValueError(f"gap_steps must be a positive integer, got {gap_steps!r}.")
 
-    u_flat0, unravel_u = _flatten("u0", u0)
-    v_flat0, unravel_v = _flatten("v0", v0)
+    u_flat0, unravel_u = flatten_variables("u0", u0)
+    v_flat0, unravel_v = flatten_variables("v0", v0)
     dtype = jnp.result_type(u_flat0, v_flat0)
-    _check_objective(f, u0, v0, theta)
+    check_scalar_output(f, (u0, v0, theta), "f(u0, v0, theta)", "f(u, v, theta)")
     check_set(u_set, u0, "u_set", "u0")
     check_set(v_set, v0, "v_set", "v0")
     constrained = u_set is not None or v_set is not None
@@ -770,8 +770,8 @@ def duality_gap(
     """
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
-    u_flat, unravel_u = _flatten("u", u)
-    v_flat, unravel_v = _flatten("v", v)
+    u_flat, unravel_u = flatten_variables("u", u)
+    v_flat, unravel_v = flatten_variables("v", v)
     dtype = jnp.result_type(u_flat, v_flat)
     check_set(u_set, u, "u_set", "u")
     check_set(v_set, v, "v_set", "v")
@@ -794,11 +794,6 @@ def duality_gap(
 # Trace-time validation.
 
 
-def _check_option(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
-
-
 def _check_common(tol, max_iter, step_size, ridge):
     if tol is not None and not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}.")
@@ -812,24 +807,3 @@ def _check_common(tol, max_iter, step_size, ridge):
         raise ValueError(f"ridge must be >= 0, got {ridge}.")
 
 
-def _flatten(name, tree):
-    leaves = jax.tree_util.tree_leaves(tree)
-    if not leaves:
-        raise ValueError(f"{name} must contain at least one array, got an empty pytree.")
-    for leaf in leaves:
-        if not is_inexact(leaf):
-            raise TypeError(
-                f"{name} must contain floating-point arrays, got dtype "
-                f"{jnp.result_type(leaf)}; pass e.g. jnp.zeros(n) rather than an integer array."
-            )
-    return ravel_pytree(tree)
-
-
-def _check_objective(f, u0, v0, theta):
-    try:
-        out = jax.eval_shape(f, u0, v0, theta)
-    except Exception as err:  # re-raise with the argument named
-        raise TypeError(f"f(u0, v0, theta) could not be evaluated: {err}") from err
-    if not (hasattr(out, "shape") and out.shape == ()):
-        shape = getattr(out, "shape", type(out).__name__)
-        raise TypeError(f"f(u, v, theta) must return a scalar, got {shape}.")

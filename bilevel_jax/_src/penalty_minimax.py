@@ -40,6 +40,7 @@ from bilevel_jax._src import minimax
 from bilevel_jax._src.projections import Box, cast_sets, check_set, project
 from bilevel_jax._src.tree import tree_all_finite
 from bilevel_jax._src.types import Array, Info, PyTree, Status, check_info, make_info
+from bilevel_jax._src.validation import flatten_variables
 
 __all__ = [
     "KKTResiduals",
@@ -651,9 +652,9 @@ def penalty_bilevel_minimax(
         raise ValueError(f"v_smoothing must be >= 0, got {v_smoothing}.")
 
     for name, tree in (("x1_0", x1_0), ("y1_0", y1_0), ("y2_0", y2_0)):
-        minimax._flatten(name, tree)
+        flatten_variables(name, tree)
     if x2_0 is not None:
-        minimax._flatten("x2_0", x2_0)
+        flatten_variables("x2_0", x2_0)
     u_tree0 = (x1_0, y1_0, y2_0)
     v_tree0 = (x2_0, y1_0, y2_0)
     u_flat0, unravel_u = ravel_pytree(u_tree0)

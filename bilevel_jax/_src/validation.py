@@ -1,0 +1,42 @@
+"""Trace-time checks shared by the public entry points; errors name the argument."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from bilevel_jax._src.tree import is_inexact
+
+
+def check_option(name: str, value, allowed: tuple) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+
+
+def flatten_variables(name: str, tree):
+    """Check ``tree`` is a non-empty pytree of float arrays; return ``ravel_pytree(tree)``."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        raise ValueError(f"{name} must contain at least one array, got an empty pytree.")
+    for leaf in leaves:
+        if not is_inexact(leaf):
+            raise TypeError(
+                f"{name} must contain floating-point arrays, got dtype "
+                f"{jnp.result_type(leaf)}; pass e.g. jnp.zeros(n) rather than an integer array."
+            )
+    return ravel_pytree(tree)
+
+
+def check_scalar_output(fn: Callable, args: tuple, call: str, signature: str) -> None:
+    """Check that ``fn(*args)`` traces and returns a scalar (``call`` / ``signature`` name it)."""
+    try:
+        out = jax.eval_shape(fn, *args)
+    except Exception as err:  # re-raise with the argument named
+        raise TypeError(f"{call} could not be evaluated: {err}") from err
+    if not (hasattr(out, "shape") and out.shape == ()):
+        shape = getattr(out, "shape", type(out).__name__)
+        raise TypeError(f"{signature} must return a scalar, got {shape}.")
