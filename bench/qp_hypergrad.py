@@ -50,19 +50,8 @@ jax.config.update("jax_enable_x64", True)
 
 
 def l1_problem(seed: int, dx: int, dy: int, dist: str = "uniform"):
-    """Problem L.1 with the authors' draw order (L, c, Q, P, A, b, x0); m = dy / 5."""
-    rng = np.random.RandomState(seed)
-    draw = rng.rand if dist == "uniform" else rng.randn
-    m = max(dy // 5, 1)
-    L = draw(dy, dy)
-    c = draw(dy)
-    c = c / np.linalg.norm(c)
-    Q = L.T @ L + np.eye(dy)
-    P = draw(dx, dy)
-    A = draw(m, dy)
-    b = draw(m)
-    x0 = draw(dx)
-    return dict(Q=Q, c=c, P=P, A=A, b=b, x0=x0)
+    """Problem L.1's data (``bj.problems.kornowski_l1``, the authors' draw order)."""
+    return bj.problems.kornowski_l1(seed, dx, dy, dist)[1]
 
 
 def upper(x, y, c):

@@ -11,6 +11,7 @@ public is listed in ``__all__`` (plus the submodule ``bj.discrete``). Do not imp
 from importlib.metadata import PackageNotFoundError, version
 
 from bilevel_jax import discrete as discrete
+from bilevel_jax import problems as problems
 from bilevel_jax._src.argmin import argmin as argmin
 from bilevel_jax._src.bilevel_layer import BilevelSolution as BilevelSolution
 from bilevel_jax._src.bilevel_layer import bilevel_layer as bilevel_layer
@@ -69,6 +70,7 @@ __all__ = [
     "lagrangian_minimax",
     "penalty_bilevel_minimax",
     "perturb_linear",
+    "problems",
     "saddle_point",
     "solve_qp",
 ]
