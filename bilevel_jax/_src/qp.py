@@ -87,14 +87,16 @@ def default_options(dtype) -> dict:
       dtype: the floating dtype of the problem data.
 
     Returns:
-      A dict with ``tol`` (1e-10 in float64, 1e-6 in float32), ``ridge`` (1e-12 / 1e-6),
+      A dict with ``tol`` (1e-10 in float64, 1e-5 in float32: the float32 iteration stalls
+      near 3e-6 on moderately conditioned problems, and the polish makes the active-set
+      solution exact anyway), ``ridge`` (1e-12 / 1e-6),
       ``alpha`` (1e-3 / 2e-2, about ``eps^(1/4)``, which balances the ``O(alpha^2)`` bias of
       the penalty rule against its ``O(eps / alpha^2)`` rounding error), ``mu`` (1e-3) and
       ``max_iter`` (50).
     """
     wide = jnp.finfo(dtype).bits >= 64
     return {
-        "tol": 1e-10 if wide else 1e-6,
+        "tol": 1e-10 if wide else 1e-5,
         "ridge": 1e-12 if wide else 1e-6,
         "alpha": 1e-3 if wide else 2e-2,
         "mu": 1e-3,
@@ -1021,7 +1023,7 @@ def solve_qp(
       G: optional ``(k, n)`` inequality matrix (with ``h``).
       h: optional ``(k,)`` inequality right-hand side; ``+inf`` entries mean "no constraint".
       hypergrad: ``"implicit"``, ``"relaxed"`` or ``"penalty"``.
-      tol: relative KKT tolerance (default 1e-10 in float64, 1e-6 in float32); the active-set
+      tol: relative KKT tolerance (default 1e-10 in float64, 1e-5 in float32); the active-set
         thresholds are ``sqrt(tol)`` relative.
       max_iter: interior-point iteration limit (default 50).
       ridge: ``eps >= 0`` on the multiplier diagonal of the backward KKT system (and added to
