@@ -1,7 +1,14 @@
 """Test configuration: float64 everywhere, and a jit / no-jit fixture."""
 
-import jax
-import pytest
+import os
+
+# Single-threaded BLAS/LAPACK (jaxlib's CPU linear algebra calls it): with pytest-xdist workers
+# on a 2-core machine, spinning BLAS threads make each dense solve orders of magnitude slower.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 

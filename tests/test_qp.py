@@ -472,8 +472,11 @@ def test_inf_rows_are_dropped(rule):
     assert np.all(np.isfinite(gh)) and np.all(np.isfinite(gG))
     if rule != "relaxed":  # (spares a compilation; the relaxed rule masks rows the same way)
         gG_d, gh_d = jax.grad(lambda G, h: loss(G, h)[0], argnums=(0, 1))(G[keep], h[keep])
-        tree_allclose(gh[keep], gh_d)
-        tree_allclose(gG[keep], gG_d)
+        # The penalty rule amplifies rounding by alpha^-2 = 1e6 (its error is O(alpha^2) +
+        # O(eps / alpha^2)); the two problems round differently.
+        rtol = 1e-7 if rule == "penalty" else None
+        tree_allclose(gh[keep], gh_d, rtol=rtol)
+        tree_allclose(gG[keep], gG_d, rtol=rtol)
 
 
 def test_all_inf_and_absent_blocks():

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import numbers
 from functools import partial
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -266,10 +266,8 @@ def active_set_adjoint(
 
 
 def _amaxes(*xs):
-    """``max |x|`` of each argument (0 for empty ones), computed in one fused reduction."""
-    size = max(max(x.size for x in xs), 1)
-    rows = [jnp.pad(jnp.abs(x.ravel()), (0, size - x.size)) for x in xs]
-    return tuple(jnp.max(jnp.stack(rows), axis=1))
+    """``max |x|`` of each argument (0 for empty ones)."""
+    return tuple(jnp.max(jnp.abs(x)) if x.size else jnp.zeros((), x.dtype) for x in xs)
 
 
 class _Scales(NamedTuple):
@@ -402,7 +400,7 @@ _RUNNING, _CONVERGED, _PINF, _DINF, _NONFINITE = 0, 1, 2, 3, 4
 
 
 def _regularisation(dtype):
-    """Static regularisation of the Newton matrices: ``1e-2 sqrt(eps)``."""
+    """Relative static regularisation of the Newton matrices: ``1e-2 sqrt(eps)``."""
     return float(jnp.finfo(dtype).eps) ** 0.5 * 1e-2
 
 
@@ -415,49 +413,151 @@ def _step_to_boundary(x, dx, valid):
     return jnp.minimum(jnp.min(ratio), 1).astype(x.dtype)
 
 
-def _newton_system(qp: _QP, lam, s, valid):
-    """LU of the augmented Newton matrix ``[Q, A', G'; A, 0, 0; G, 0, -diag(s/lam)]``.
-
-    The symmetric quasi-definite regularisation ``diag(delta, -delta, -delta)`` guards against
-    a rank-deficient ``A`` or a singular ``Q``; the unregularised matrix is returned for
-    iterative refinement. Rows with ``h_i = +inf`` read ``-dlam_i = 0``. The augmented form
-    (rather than the reduced ``Q + G'diag(lam/s)G``) keeps the dual residual accurate in float32.
-    """
-    Q, _, A, _, G, _ = qp
-    n, p, k = Q.shape[0], A.shape[0], G.shape[0]
-    w = jnp.where(valid, s / jnp.where(valid, lam, 1), 0)
-    K0 = _kkt_matrix(Q, A, G, valid, jnp.zeros((), Q.dtype))
-    K0 = K0 - jnp.diag(jnp.concatenate([jnp.zeros((n + p,), Q.dtype), w]))
-    delta = _regularisation(Q.dtype)
-    reg = jnp.concatenate([jnp.full((n,), delta, Q.dtype), jnp.full((p + k,), -delta, Q.dtype)])
-    fact = ls.factorize(K0 + jnp.diag(reg), structure="general")
-    return fact, K0
+# Every KKT matrix of this module has the form
+#
+#     K(m, e) = [[Q, C'M], [M C, -diag(e)]] ,   C = [A; G] ,   M = diag(m) ,
+#
+# with ``m = 1`` on the equality rows, ``e >= 0`` (interior point: ``e = s / lam`` on the
+# inequality rows; active-set systems: ``m`` the mask, ``e = (1 - m) + ridge m``). It is solved
+# through the Schur complement on the constraints, ``S = M W M + diag(e)`` with
+# ``W = C Q^-1 C'`` computed once per problem, so an interior-point iteration costs one
+# Cholesky factorisation of size ``p + k`` instead of an LU of size ``n + p + k``.
 
 
-def _refined_solve(fact, K0, rhs, steps=1):
-    """Solve with ``fact`` (of a regularised ``K0``), then ``steps`` rounds of refinement on ``K0``.
+class _Prepared(NamedTuple):
+    """Once per problem (``Q_d = Q + delta I``): ``chol(Q_d)``, ``C``, ``U``, ``W``, ``q_c``.
 
-    A ``fori_loop`` keeps a single solve in the compiled program.
+    ``U = Q_d^-1 C'``, ``W = C U`` and ``q_c = Q_d^-1 c``.
     """
 
-    def body(_, x):
-        return x + ls.solve_factorized(fact, rhs - _mm(K0, x))
+    chol_q: Array
+    C: Array
+    U: Array
+    W: Array
+    q_c: Array
 
-    return lax.fori_loop(0, steps + 1, body, jnp.zeros_like(rhs))
+
+def _prepare(qp: _QP, valid) -> _Prepared:
+    """Factorise ``Q_d = Q + delta I`` and form ``W``.
+
+    ``delta = 10 eps (1 + max|Q|)``, which keeps the interior point's residual bias
+    ``delta |y|`` (from ``Q_d^-1 Q y ~ y``, see :func:`_direction`) at rounding level; a
+    singular ``Q`` whose factorisation then fails gets ``delta = 1e-2 sqrt(eps) (1 + max|Q|)``
+    (the polish, refined against the exact ``Q``, removes the bias). Rows of ``G`` with
+    ``h_i = +inf`` are zeroed: they read ``-e_i x_i = r_i``.
+    """
+    Q, c, A, _, G, _ = qp
+    dtype = Q.dtype
+    C = jnp.concatenate([A, G * valid.astype(dtype)[:, None]])
+    scale = 1 + _amaxes(Q)[0]
+    eye = jnp.eye(Q.shape[0], dtype=dtype)
+
+    def factor(delta):
+        return lax.linalg.cholesky(Q + (delta * scale) * eye, symmetrize_input=False)
+
+    chol_q = factor(10 * float(jnp.finfo(dtype).eps))
+    chol_q = lax.cond(
+        jnp.all(jnp.isfinite(chol_q)), lambda: chol_q, lambda: factor(_regularisation(dtype))
+    )
+    # [C; c'] Q_d^-1 = V L^-1 with V = [C; c'] L^-T: right-side triangular solves (much faster
+    # than left-side ones on CPU), and W = V V' (exactly symmetric).
+    rows = jnp.concatenate([C, c[None, :]])
+    V = lax.linalg.triangular_solve(chol_q, rows, left_side=False, lower=True, transpose_a=True)
+    Uc = lax.linalg.triangular_solve(chol_q, V, left_side=False, lower=True)
+    V = V[:-1]
+    return _Prepared(chol_q, C, Uc[:-1].T, _mm(V, V.T), Uc[-1])
 
 
-def _direction(qp: _QP, fact, K0, rd, rp, ri, rc, lam, valid):
+def _factor(pre: _Prepared, m, e, delta=None):
+    """Cholesky factor of ``S = M W M + diag(e + delta (1 + max|W|))``.
+
+    The default ``delta = 1e-2 sqrt(eps)`` keeps ``S`` definite when equality or active rows
+    are dependent (``e_i = 0`` there); pass a smaller ``delta`` when ``e > 0``.
+    """
+    delta = _regularisation(pre.W.dtype) if delta is None else delta
+    S = pre.W * jnp.outer(m, m) + jnp.diag(e + delta * (1 + _amaxes(pre.W)[0]))
+    return lax.linalg.cholesky(S, symmetrize_input=False)
+
+
+def _kkt_apply(Q, pre: _Prepared, m, e, x):
+    """``K(m, e) x`` with the exact (unregularised) ``Q``."""
+    x1, x2 = x
+    return _mm(Q, x1) + _mm(pre.C.T, m * x2), m * _mm(pre.C, x1) - e * x2
+
+
+def _kkt_solve(Q, pre: _Prepared, chol_s, m, e, r, steps=1, t=None):
+    """Solve ``K(m, e) x = r`` with the regularised factors, plus ``steps`` refinements on ``K``.
+
+    ``x2 = S^-1 (M C t - r2)``, ``x1 = t - U M x2`` with ``t = Q_d^-1 r1``; pass ``t`` when it
+    is known without a solve (the interior point's ``r1 = -(Q y + c + C'x)`` gives
+    ``t = -(y + q_c + U x)``). A ``fori_loop`` keeps a single refinement in the program.
+    """
+    r1, r2 = r
+
+    def solve(r1, r2, t=None):
+        if t is None:
+            t = jax.scipy.linalg.cho_solve((pre.chol_q, True), r1)
+        x2 = jax.scipy.linalg.cho_solve((chol_s, True), m * _mm(pre.C, t) - r2)
+        return t - _mm(pre.U, m * x2), x2
+
+    def refine(_, x):
+        a1, a2 = _kkt_apply(Q, pre, m, e, x)
+        d1, d2 = solve(r1 - a1, r2 - a2)
+        return x[0] + d1, x[1] + d2
+
+    x = solve(r1, r2, t)
+    return lax.fori_loop(0, steps, refine, x) if steps else x
+
+
+def _active_system(p, mask, ridge, dtype):
+    """``(m, e)`` of the masked active-set matrix (equalities and ``mask`` rows, ``-ridge``)."""
+    m = jnp.concatenate([jnp.ones((p,), dtype), mask.astype(dtype)])
+    return m, (1 - m) + jnp.asarray(ridge, dtype) * m
+
+
+def _newton_system(qp: _QP, pre: _Prepared, lam, s, valid):
+    """``(m, e, chol(S))`` of the Newton matrix ``[Q, A', G'; A, 0, 0; G, 0, -S/Lam]``.
+
+    Rows with ``h_i = +inf`` read ``-dlam_i = 0``.
+    """
+    dtype = qp.Q.dtype
+    p = qp.A.shape[0]
+    w = jnp.where(valid, s / jnp.where(valid, lam, 1), 1)
+    m = jnp.ones((p + valid.shape[0],), dtype)
+    e = jnp.concatenate([jnp.zeros((p,), dtype), w])
+    return m, e, _factor(pre, m, e, 10 * float(jnp.finfo(dtype).eps))
+
+
+def _dual_step(pre: _Prepared, y, nu, lam, rd, valid):
+    """``t = -Q_d^-1 rd``, the first half of every Newton solve of an interior-point iteration.
+
+    As ``rd = Q y + c + C'x`` (``x = (nu, lam)``), ``t = -(y + q_c + U x)`` up to the bias
+    ``delta Q_d^-1 y`` (rounding level, see :func:`_prepare`), with no triangular solve. When
+    the multipliers are large (``|U x| > 1e3 (1 + |y| + |q_c|)``, e.g. on an infeasible
+    problem, whose iterates diverge) that sum cancels, and ``t`` is computed by a solve.
+    """
+    Ux = _mm(pre.U, jnp.concatenate([nu, jnp.where(valid, lam, 0)]))
+    y_, q_, Ux_ = _amaxes(y, pre.q_c, Ux)
+    return lax.cond(
+        Ux_ > 1e3 * (1 + y_ + q_),
+        lambda: -jax.scipy.linalg.cho_solve((pre.chol_q, True), rd),
+        lambda: -(y + pre.q_c + Ux),
+    )
+
+
+def _direction(qp: _QP, pre: _Prepared, system, t, rd, rp, ri, rc, lam, valid):
     """Newton direction of the slack-form KKT system for the complementarity residual ``rc``.
 
     Eliminating ``ds = -(rc + s dlam) / lam`` from ``S dlam + Lam ds = -rc`` leaves
-    ``[Q A' G'; A 0 0; G 0 -S/Lam] [dy; dnu; dlam] = [-rd; -rp; -ri + rc/lam]``.
+    ``[Q A' G'; A 0 0; G 0 -S/Lam] [dy; dnu; dlam] = [-rd; -rp; -ri + rc/lam]``;
+    ``t = -Q_d^-1 rd`` from :func:`_dual_step`.
     """
-    n, p = qp.Q.shape[0], qp.A.shape[0]
+    p = qp.A.shape[0]
+    m, e, chol_s = system
     lam_safe = jnp.where(valid & (lam > 0), lam, 1)
-    rhs = jnp.concatenate([-rd, -rp, jnp.where(valid, -ri + rc / lam_safe, 0)])
-    sol = _refined_solve(fact, K0, rhs)
-    dy, dnu = sol[:n], sol[n : n + p]
-    dlam = jnp.where(valid, sol[n + p :], 0)
+    r2 = jnp.concatenate([-rp, jnp.where(valid, -ri + rc / lam_safe, 0)])
+    dy, x2 = _kkt_solve(qp.Q, pre, chol_s, m, e, (-rd, r2), steps=0, t=t)
+    dnu, dlam = x2[:p], jnp.where(valid, x2[p:], 0)
     ds = jnp.where(valid, -ri - _mm(qp.G, dy), 0)
     return dy, dnu, dlam, ds
 
@@ -470,7 +570,7 @@ def _kkt_vectors(qp: _QP, y, nu, lam, s, valid):
     return rd, rp, ri
 
 
-def _initial_point(qp: _QP, valid, init, warm):
+def _initial_point(qp: _QP, pre: _Prepared, valid, init, warm):
     """Starting point of the interior-point method.
 
     Cold: cvxopt's start (the KKT solve with ``s = lam = 1``, then a shift into the interior).
@@ -485,18 +585,19 @@ def _initial_point(qp: _QP, valid, init, warm):
         lam = jnp.where(valid, jnp.maximum(lam, floor), 0)
         return y, nu, lam, s
 
-    return lax.cond(warm, warm_start, lambda: _cold_start(qp, valid))
+    return lax.cond(warm, warm_start, lambda: _cold_start(qp, pre, valid))
 
 
-def _cold_start(qp: _QP, valid):
+def _cold_start(qp: _QP, pre: _Prepared, valid):
     Q, c, A, b, G, h = qp
     dtype = Q.dtype
     ones = jnp.ones_like(h)
-    fact, K0 = _newton_system(qp, ones, ones, valid)
-    sol = _refined_solve(fact, K0, jnp.concatenate([-c, b, jnp.where(valid, h, 0)]))
-    n, p = Q.shape[0], A.shape[0]
-    y, nu = sol[:n], sol[n : n + p]
-    z = jnp.where(valid, sol[n + p :], 0)  # = G y - h: the multiplier candidate; slack -z
+    p = A.shape[0]
+    m, e, chol_s = _newton_system(qp, pre, ones, ones, valid)
+    rhs = (-c, jnp.concatenate([b, jnp.where(valid, h, 0)]))
+    y, x2 = _kkt_solve(Q, pre, chol_s, m, e, rhs, steps=0, t=-pre.q_c)
+    nu = x2[:p]
+    z = jnp.where(valid, x2[p:], 0)  # = G y - h: the multiplier candidate; slack -z
 
     def shift(x):
         top = jnp.max(jnp.where(valid, -x, -jnp.inf)) if x.size else jnp.zeros((), dtype)
@@ -506,7 +607,7 @@ def _cold_start(qp: _QP, valid):
     return y, nu, shift(z), jnp.where(valid, shift(-z), 1)
 
 
-def _ipm(qp: _QP, sc: _Scales, valid, tol, max_iter, init, warm):
+def _ipm(qp: _QP, sc: _Scales, pre: _Prepared, valid, tol, max_iter, init, warm):
     """Mehrotra predictor-corrector on ``G y + s = h``, ``s, lam >= 0``, fixed shapes.
 
     Stops when the relative KKT residual is below ``tol``, on an infeasibility certificate,
@@ -517,26 +618,23 @@ def _ipm(qp: _QP, sc: _Scales, valid, tol, max_iter, init, warm):
     vf = valid.astype(dtype)
     k_eff = jnp.maximum(jnp.sum(vf), 1)
 
-    def body(state):
-        it, y, nu, lam, s, _, _, _ = state
-        # Test the current iterate first (one copy of the test in the program); the step
-        # below is discarded when the iterate passes or fails it, or at the step limit.
+    def classify(y, nu, lam, s):
         m = _measure(qp, sc, y, nu, lam, s, valid, eps_inf)
-        flag = jnp.where(
-            m.residual <= tol,
-            _CONVERGED,
-            jnp.where(m.pinf, _PINF, jnp.where(m.dinf, _DINF, _RUNNING)),
-        )
-        stop = (flag != _RUNNING) | (it >= max_iter)
+        flag = jnp.where(m.pinf, _PINF, jnp.where(m.dinf, _DINF, _RUNNING))
+        return jnp.where(m.residual <= tol, _CONVERGED, flag), m.residual
+
+    def body(state):
+        it, y, nu, lam, s, _, _ = state
         rd, rp, ri = _kkt_vectors(qp, y, nu, lam, s, valid)
         mu = jnp.sum(vf * s * lam) / k_eff
-        fact, K0 = _newton_system(qp, lam, s, valid)
+        system = _newton_system(qp, pre, lam, s, valid)
+        t_dual = _dual_step(pre, y, nu, lam, rd, valid)
 
         # Predictor (affine scaling, rc = s * lam), then corrector (centring plus the
         # second-order term) with the same factorisation; a fori_loop keeps one solve.
         def predictor_corrector(_, carry):
             rc, _ = carry
-            step = _direction(qp, fact, K0, rd, rp, ri, rc, lam, valid)
+            step = _direction(qp, pre, system, t_dual, rd, rp, ri, rc, lam, valid)
             _, _, dlam, ds = step
             t = jnp.minimum(_step_to_boundary(s, ds, valid), _step_to_boundary(lam, dlam, valid))
             mu_aff = jnp.sum(vf * (s + t * ds) * (lam + t * dlam)) / k_eff
@@ -549,23 +647,23 @@ def _ipm(qp: _QP, sc: _Scales, valid, tol, max_iter, init, warm):
         t = jnp.minimum(1, 0.99 * t)
         new = (y + t * dy, nu + t * dnu, lam + t * dlam, jnp.where(valid, s + t * ds, 1))
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in new]))
-        take = ~stop & finite
-        y, nu, lam, s = (jnp.where(take, a, b) for a, b in zip(new, (y, nu, lam, s), strict=True))
-        flag = jnp.where(~stop & ~finite, _NONFINITE, flag)
-        return it + take.astype(it.dtype), y, nu, lam, s, flag, m.residual, stop | ~finite
+        # A non-finite step keeps the last finite iterate and stops.
+        y, nu, lam, s = (jnp.where(finite, a, b) for a, b in zip(new, (y, nu, lam, s), strict=True))
+        flag, residual = classify(y, nu, lam, s)
+        flag = jnp.where(finite, flag, _NONFINITE)
+        return it + finite.astype(it.dtype), y, nu, lam, s, flag, residual
 
     def cond(state):
-        return ~state[7]
+        it, flag = state[0], state[5]
+        return (flag == _RUNNING) & (it < max_iter)
 
-    y, nu, lam, s = _initial_point(qp, valid, init, warm)
-    inf = jnp.asarray(jnp.inf, dtype)
-    start = (jnp.asarray(0, jnp.int32), y, nu, lam, s)
-    state = (*start, jnp.asarray(_RUNNING), inf, jnp.asarray(False))
-    it, y, nu, lam, s, flag, residual, _ = lax.while_loop(cond, body, state)
+    y, nu, lam, s = _initial_point(qp, pre, valid, init, warm)
+    state = (jnp.asarray(0, jnp.int32), y, nu, lam, s, *classify(y, nu, lam, s))
+    it, y, nu, lam, s, flag, residual = lax.while_loop(cond, body, state)
     return _IPMOut(y, nu, jnp.where(valid, lam, 0), s, it, flag, residual)
 
 
-def _polish(qp: _QP, sc: _Scales, out: _IPMOut, valid, ridge, tol, max_rounds=4):
+def _polish(qp: _QP, sc: _Scales, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max_rounds=4):
     """Solve the equality KKT system on a guessed active set (ALGORITHMS.md §2.3).
 
     The first guess is ``I = {lam_i > s_i}`` at the interior point. A guess is accepted when
@@ -573,47 +671,47 @@ def _polish(qp: _QP, sc: _Scales, out: _IPMOut, valid, ridge, tol, max_rounds=4)
     relative) and dual feasible (``lam_I >= -tol``, relative). Otherwise the primal-dual
     active-set update ``I <- {i in I : lam_i >= 0} + {i not in I : (h - G y)_i < 0}`` is
     tried, at most ``max_rounds`` guesses in all: near-degenerate points, where the interior
-    point cannot tell ``lam_i`` from ``s_i``, need it.
+    point cannot tell ``lam_i`` from ``s_i``, need it. Each guess costs one Cholesky
+    factorisation of size ``p + k`` (``ridge`` on the multiplier diagonal, two refinements).
 
     Returns:
-      The polished point, whether a guess was accepted, its mask, the LU factorisation of the
-      ridged masked KKT matrix for that mask (reused by the implicit rule's backward pass) and
-      the relative KKT residual of the polished point.
+      The polished point, whether a guess was accepted, its mask and the relative KKT
+      residual of the polished point.
     """
     Q, c, A, b, G, h = qp
     dtype = Q.dtype
-    n, p = Q.shape[0], A.shape[0]
+    p = A.shape[0]
 
     def attempt(m):
-        K0 = _kkt_matrix(Q, A, G, m, jnp.zeros((), dtype))
-        K = _kkt_matrix(Q, A, G, m, jnp.asarray(ridge, dtype))
-        fact = ls.factorize(K, structure="general")
-        sol = _refined_solve(fact, K0, jnp.concatenate([-c, b, jnp.where(m, h, 0)]), steps=2)
-        y, nu, lam = sol[:n], sol[n : n + p], jnp.where(m, sol[n + p :], 0)
+        mm, e_ridge = _active_system(p, m, ridge, dtype)
+        chol_s = _factor(pre, mm, e_ridge)
+        rhs = (-c, jnp.concatenate([b, jnp.where(m, h, 0)]))
+        y, x2 = _kkt_solve(Q, pre, chol_s, mm, 1 - mm, rhs, steps=2, t=-pre.q_c)
+        nu, lam = x2[:p], jnp.where(m, x2[p:], 0)
         Gy = jnp.where(valid, _mm(G, y), 0)
         slack = jnp.where(valid, h - Gy, 0)
         Gy_, lam_ = _amaxes(Gy, lam)
         tol_s = tol * (1 + jnp.maximum(sc.h, Gy_))
         tol_l = tol * (1 + lam_)
-        ok = jnp.all(jnp.isfinite(sol)) & jnp.all(slack >= -tol_s) & jnp.all(lam >= -tol_l)
+        finite = jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(x2))
+        ok = finite & jnp.all(slack >= -tol_s) & jnp.all(lam >= -tol_l)
         update = valid & jnp.where(m, lam >= -tol_l, slack < -tol_s)
-        return (y, nu, jnp.maximum(lam, 0)), fact, ok, update
+        return (y, nu, jnp.maximum(lam, 0)), ok, update
 
     def cond(state):
-        it, _, _, _, ok, _ = state
+        it, _, _, ok, _ = state
         return (it < max_rounds) & ~ok
 
     def body(state):
-        it, _, _, _, _, m = state
-        z, fact, ok, update = attempt(m)
-        return it + 1, z, fact, m, ok, jnp.where(ok, m, update)
+        it, _, _, _, m = state
+        z, ok, update = attempt(m)
+        return it + 1, z, m, ok, jnp.where(ok, m, update)
 
     m0 = valid & (out.lam > out.s)
-    # Zeros shaped like attempt's outputs start the loop (which runs at least once).
-    z, fact, _, _ = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(attempt, m0))
-    state = (jnp.asarray(0, jnp.int32), z, fact, m0, jnp.asarray(False), m0)
-    _, z, fact, m, ok, _ = lax.while_loop(cond, body, state)
-    return z, ok, m, fact, _point_residual(qp, sc, *z, valid)
+    z = (jnp.zeros_like(out.y), jnp.zeros_like(out.nu), jnp.zeros_like(out.lam))
+    state = (jnp.asarray(0, jnp.int32), z, m0, jnp.asarray(False), m0)
+    _, z, m, ok, _ = lax.while_loop(cond, body, state)
+    return z, ok, m, _point_residual(qp, sc, *z, valid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,9 +722,7 @@ class _Forward(NamedTuple):
     """Non-differentiable by-products of the forward solve."""
 
     info: Info
-    polished: Array
-    mask: Array
-    fact: Any  # ls.Factorization of the polish (zeros when it did not run)
+    pre: _Prepared  # the factorisation of Q and W = C Q^-1 C', reused by every backward rule
 
 
 @jax.jit
@@ -640,17 +736,18 @@ def _forward(theta, init, warm, polish, ridge, tol, max_iter):
     valid = _valid(h)
     qp = _QP(_sym(Q), c, A, b, G, _safe_h(h))
     sc = _Scales(*_amaxes(qp.Q, c, A, b, G, jnp.where(valid, qp.h, 0)))
-    out = _ipm(qp, sc, valid, tol, max_iter, init, warm)
+    pre = _prepare(qp, valid)
+    out = _ipm(qp, sc, pre, valid, tol, max_iter, init, warm)
     z = (out.y, out.nu, out.lam)
     residual = out.residual
 
     def skip():
-        shapes = jax.eval_shape(_polish, qp, sc, out, valid, ridge, tol)
+        shapes = jax.eval_shape(_polish, qp, sc, pre, out, valid, ridge, tol)
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
     polish = polish & (out.flag != _PINF) & (out.flag != _DINF)
-    z_p, ok, m, fact, residual_p = lax.cond(
-        polish, lambda: _polish(qp, sc, out, valid, ridge, tol), skip
+    z_p, ok, _, residual_p = lax.cond(
+        polish, lambda: _polish(qp, sc, pre, out, valid, ridge, tol), skip
     )
     ok = polish & ok & (residual_p <= jnp.maximum(residual, tol))
     z = tuple(jnp.where(ok, a, b) for a, b in zip(z_p, z, strict=True))
@@ -666,18 +763,20 @@ def _forward(theta, init, warm, polish, ridge, tol, max_iter):
     status = jnp.where(infeasible, Status.INFEASIBLE, status)
     status = jnp.where(finite, status, Status.NONFINITE)
     info = make_info(out.num_steps, residual, status == Status.SUCCESS, status)
-    return z, _Forward(info, ok, m, fact)
+    return z, _Forward(info, pre)
 
 
-def _central_path_point(theta, z, mu, tol, max_iter):
+def _central_path_point(theta, z, mu, tol, max_iter, pre: _Prepared | None = None):
     """Newton's method on the barrier KKT system ``lam * s = mu`` from the QP solution ``z``.
 
     The start pushes ``s`` and ``lam`` to ``s * lam >= mu`` (active rows get ``s = mu/lam``,
     inactive rows ``lam = mu/s``); steps keep ``s, lam > 0`` (fraction to the boundary 0.99).
+    ``pre`` is the forward pass's :func:`_prepare` of the same data (computed when absent).
     """
     Q, c, A, b, G, h = theta
     valid = _valid(h)
     qp = _QP(_sym(Q), c, A, b, G, _safe_h(h))
+    pre = _prepare(qp, valid) if pre is None else pre
     sc = _Scales(*_amaxes(qp.Q, c, A, b, G, jnp.where(valid, qp.h, 0)))
     dtype = Q.dtype
     vf = valid.astype(dtype)
@@ -698,8 +797,10 @@ def _central_path_point(theta, z, mu, tol, max_iter):
     def body(state):
         it, y, nu, lam, s, _ = state
         rd, rp, ri = _kkt_vectors(qp, y, nu, lam, s, valid)
-        fact, K0 = _newton_system(qp, lam, s, valid)
-        dy, dnu, dlam, ds = _direction(qp, fact, K0, rd, rp, ri, vf * (s * lam - mu), lam, valid)
+        system = _newton_system(qp, pre, lam, s, valid)
+        rc = vf * (s * lam - mu)
+        t_dual = _dual_step(pre, y, nu, lam, rd, valid)
+        dy, dnu, dlam, ds = _direction(qp, pre, system, t_dual, rd, rp, ri, rc, lam, valid)
         t = jnp.minimum(_step_to_boundary(s, ds, valid), _step_to_boundary(lam, dlam, valid))
         t = jnp.minimum(1, 0.99 * t)
         y, nu, lam = y + t * dy, nu + t * dnu, lam + t * dlam
@@ -719,66 +820,61 @@ def _central_path_point(theta, z, mu, tol, max_iter):
 
 
 @jax.jit
-def _implicit_backward(zbar, z, theta, polished, polish_mask, polish_fact, ridge, tol):
+def _implicit_backward(zbar, z, theta, pre, ridge, tol):
     """The ``"implicit"`` rule: :func:`implicit_backward` on the masked active-set residual.
 
     The adjoint system is the masked KKT matrix with ``-ridge`` on the multiplier diagonal,
-    factorised afresh unless the polish factorised the same matrix (same mask).
+    solved through the forward pass's factorisation of ``Q`` (one Cholesky of size ``p + k``).
     """
 
     def adjoint_solve(vjp_z, zbar, z, theta, aux):
-        del vjp_z, aux  # the matrix is built from the data (or reused from the polish)
+        del vjp_z, aux  # the matrix is built from the data
         y, nu, lam = z
-        Q, _, A, _, G, h = theta
-        m = _active_mask(y, lam, G, h, tol)
-        n, p = y.shape[0], nu.shape[0]
-
-        def fresh():
-            K = _kkt_matrix(_sym(Q), A, G, m, jnp.asarray(ridge, y.dtype))
-            return ls.factorize(K, structure="general")
-
-        reuse = polished & jnp.all(m == polish_mask)
-        fact = lax.cond(reuse, lambda: polish_fact, fresh)
-        u = ls.solve_factorized(fact, jnp.concatenate(list(zbar)))
-        return u[:n], u[n : n + p], u[n + p :]
+        Q, _, _, _, G, h = theta
+        p = nu.shape[0]
+        m, e = _active_system(p, _active_mask(y, lam, G, h, tol), ridge, y.dtype)
+        ybar, nubar, lambar = zbar
+        r = (ybar, jnp.concatenate([nubar, lambar]))
+        w, mu = _kkt_solve(_sym(Q), pre, _factor(pre, m, e), m, e, r)
+        return w, mu[:p], mu[p:]
 
     return implicit_backward(_active_residual(tol), adjoint_solve)(zbar, z, theta, None)
 
 
 @jax.jit
-def _relaxed_backward(zbar, z, theta, ridge, mu, tol, max_iter):
+def _relaxed_backward(zbar, z, theta, pre, ridge, mu, tol, max_iter):
     """The ``"relaxed"`` rule: :func:`implicit_backward` on the central-path residual.
 
     The central-path point ``z_mu`` for this ``mu`` is computed here, from the QP solution
-    ``z`` (only when a gradient is asked for). The Jacobian of
-    ``[Q y + c + A'nu + G'lam; A y - b; lam * (h - G y) - mu]`` at ``z_mu`` is not symmetric;
-    its transpose is solved with an LU factorisation.
+    ``z`` (only when a gradient is asked for). The Jacobian ``J`` of
+    ``[Q y + c + A'nu + G'lam; A y - b; lam * (h - G y) - mu]`` at ``z_mu`` is not symmetric,
+    but ``J = D K`` with ``D = diag(1, 1, -lam)`` and ``K`` the symmetric Newton matrix with
+    ``e = s / lam``, so ``J' u = zbar`` is ``u = D^-1 K^-1 zbar``.
     """
-    z_mu = _central_path_point(theta, z, mu, tol, max_iter)
+    z_mu = _central_path_point(theta, z, mu, tol, max_iter, pre)
 
     def adjoint_solve(vjp_z, zbar, z, theta, aux):
         del vjp_z, aux
         y, nu, lam = z
-        Q, _, A, _, G, h = theta
+        Q, _, _, _, G, h = theta
         dtype = y.dtype
-        n, p, k = y.shape[0], nu.shape[0], lam.shape[0]
+        p = nu.shape[0]
         valid = _valid(h)
-        slack = jnp.where(valid, _safe_h(h) - _mm(G, y), 1)
-        GV = G * valid.astype(dtype)[:, None]
-        # Rows of h_i = +inf read lam_i = 0; -ridge on the equality block as in "implicit".
-        top = jnp.concatenate([_sym(Q), A.T, GV.T], 1)
-        mid = jnp.concatenate([A, -ridge * jnp.eye(p, dtype=dtype), jnp.zeros((p, k), dtype)], 1)
-        low = jnp.concatenate([-lam[:, None] * GV, jnp.zeros((k, p), dtype), jnp.diag(slack)], 1)
-        J = jnp.concatenate([top, mid, low], 0)
-        rhs = jnp.concatenate(list(zbar))
-        u = ls.solve_factorized(ls.factorize(J, structure="general"), rhs, transpose=True)
-        return u[:n], u[n : n + p], u[n + p :]
+        slack = _safe_h(h) - _mm(G, y)
+        lam_v = jnp.where(valid, lam, 1)
+        # Rows of h_i = +inf read lam_i = 0 (D_i = -1, e_i = 1); -ridge on the equality block.
+        m = jnp.ones((p + lam.shape[0],), dtype)
+        e = jnp.concatenate([jnp.full((p,), ridge, dtype), jnp.where(valid, slack / lam_v, 1)])
+        ybar, nubar, lambar = zbar
+        r = (ybar, jnp.concatenate([nubar, lambar]))
+        w, x2 = _kkt_solve(_sym(Q), pre, _factor(pre, m, e), m, e, r)
+        return w, x2[:p], -x2[p:] / lam_v
 
     return implicit_backward(_relaxed_residual(mu), adjoint_solve)(zbar, z_mu, theta, None)
 
 
 @jax.jit
-def _penalty_backward(zbar, z, theta, alpha, ridge, tol):
+def _penalty_backward(zbar, z, theta, pre, alpha, ridge, tol):
     """Kornowski et al.'s first-order oracle as a VJP (ALGORITHMS.md §1.5, quadratic form).
 
     For the cotangent ``(v, rho_E, rho_I)`` (normalised to unit norm, the result rescaled) and
@@ -809,9 +905,13 @@ def _penalty_backward(zbar, z, theta, alpha, ridge, tol):
     v, rho_e, rho_i = v * inv, rho_e * inv, rho_i * inv
     a2 = jnp.asarray(alpha, dtype) ** 2
     GI = G * mf[:, None]
-    P = _sym(Q) + (_mm(A.T, A) + _mm(GI.T, GI)) / a2 + ridge * jnp.eye(y.shape[0], dtype=dtype)
     rhs = -a2 * v - _mm(A.T, rho_e) - _mm(GI.T, rho_i)
-    delta = ls.solve_factorized(ls.factorize(P, structure="spd"), rhs)
+    # (Q + alpha^-2 C_I'C_I) Delta = rhs  <=>  K(m, e) (Delta, x2) = (rhs, 0) with e = alpha^2
+    # on the equality and active rows (x2 = alpha^-2 C_I Delta), solved through Q's factor.
+    p = A.shape[0]
+    m, e = _active_system(p, mf > 0, a2, dtype)
+    zero = jnp.zeros((p + G.shape[0],), dtype)
+    delta, _ = _kkt_solve(_sym(Q), pre, _factor(pre, m, e, 0.0), m, e, (rhs, zero))
     y_hat = y + delta
     e_e = (_mm(A, delta) + a2 * rho_e) / a2**2
     e_i = mf * (_mm(G, delta) + a2 * rho_i) / a2**2
@@ -1107,20 +1207,19 @@ def _solve(theta, z0, options: _Options) -> QPSolution:
     if options.hypergrad == "implicit":
 
         def backward(zbar, z, th, aux):
-            fact = aux.fact
-            return _implicit_backward(zbar, z, th, aux.polished, aux.mask, fact, ridge, tol)
+            return _implicit_backward(zbar, z, th, aux.pre, ridge, tol)
 
         z, aux = custom_solution(forward, backward, z0, theta)
     elif options.hypergrad == "relaxed":
 
         def backward(zbar, z, th, aux):
-            return _relaxed_backward(zbar, z, th, ridge, options.mu, tol, max_iter)
+            return _relaxed_backward(zbar, z, th, aux.pre, ridge, options.mu, tol, max_iter)
 
         z, aux = custom_solution(forward, backward, z0, theta)
     else:
 
         def backward(zbar, z, th, aux):
-            return _penalty_backward(zbar, z, th, options.alpha, ridge, tol)
+            return _penalty_backward(zbar, z, th, aux.pre, options.alpha, ridge, tol)
 
         z, aux = custom_solution(forward, backward, z0, theta)
 
