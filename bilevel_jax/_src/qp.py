@@ -10,10 +10,12 @@ KKT conditions, with multipliers ``nu`` (free) and ``lam >= 0``, are
     Q y + c + A'nu + G'lam = 0 ,   A y = b ,   G y <= h ,   lam >= 0 ,   lam_i (h - G y)_i = 0 .
 
 Forward: a primal-dual interior-point method (Mehrotra predictor-corrector) on the slack form
-``G y + s = h``, ``s >= 0``, with one LU factorisation of the augmented Newton matrix
-``[Q, A', G'; A, 0, 0; G, 0, -diag(s / lam)]`` per iteration shared by the predictor and the
-corrector, followed by a *polish* step that solves the equality KKT system on the identified
-active set (a few primal-dual active-set corrections if the first guess is infeasible), which
+``G y + s = h``, ``s >= 0``. ``Q`` is factorised once (Cholesky) and the Newton matrix
+``[Q, A', G'; A, 0, 0; G, 0, -diag(s / lam)]`` is solved through its Schur complement on the
+constraints, ``C Q^-1 C' + diag(0, s / lam)`` (``C = [A; G]``): one Cholesky factorisation of
+size ``p + k`` per iteration, shared by the predictor and the corrector. Then a *polish*
+step solves the equality KKT system on the identified active set (a few primal-dual
+active-set corrections if the first guess is infeasible), which
 makes ``(y, nu, lam)`` exact to rounding and inactive multipliers exactly 0.
 
 Hypergradients (reverse mode, with respect to all of ``Q, c, A, b, G, h``):
@@ -1060,17 +1062,20 @@ def solve_qp(
     KKT conditions: ``Q y + c + A'nu + G'lam = 0``, ``A y = b``, ``G y <= h``, ``lam >= 0``,
     ``lam * (h - G y) = 0``. Only the symmetric part of ``Q`` matters (and gets the gradient).
 
-    **Forward.** Mehrotra predictor-corrector interior-point method on ``G y + s = h``; each
-    iteration factorises (LU) the augmented Newton matrix
-    ``[Q, A', G'; A, 0, 0; G, 0, -diag(s/lam)]`` once for both predictor and corrector (the
-    augmented rather than the reduced ``Q + G'diag(lam/s)G`` form keeps float32 accurate); a
-    tiny static regularisation plus one step of iterative refinement handles a rank-deficient
-    ``A`` or a singular ``Q``. It stops when the relative primal, dual and complementarity
-    residuals are below ``tol``, or on an infeasibility certificate. With ``polish=True`` the
-    equality KKT system on ``I = {lam_i > s_i}`` is then solved, with up to three primal-dual
-    active-set corrections of ``I`` (add violated rows, drop negative multipliers) near
-    degenerate points; the result is accepted only if primal and dual feasible and not worse,
-    and makes ``y``, ``nu``, ``lam`` exact to rounding and inactive ``lam_i`` exactly 0.
+    **Forward.** Mehrotra predictor-corrector interior-point method on ``G y + s = h``.
+    ``Q + delta I`` is factorised once (Cholesky; ``delta`` at rounding level, larger for a
+    singular ``Q``) together with ``W = C Q^-1 C'`` (``C = [A; G]``); each iteration then
+    solves the Newton matrix ``[Q, A', G'; A, 0, 0; G, 0, -diag(s/lam)]`` through its Schur
+    complement ``W + diag(0, s/lam)``, one Cholesky factorisation of size ``p + k`` for both
+    predictor and corrector (the constraint-side complement stays well conditioned as
+    ``s/lam`` spreads, unlike ``Q + G'diag(lam/s)G``); a tiny regularisation of the
+    complement handles a rank-deficient ``A``. It stops when the relative primal, dual and
+    complementarity residuals are below ``tol``, or on an infeasibility certificate. With
+    ``polish=True`` the equality KKT system on ``I = {lam_i > s_i}`` is then solved, with up
+    to three primal-dual active-set corrections of ``I`` (add violated rows, drop negative
+    multipliers) near degenerate points; the result is accepted only if primal and dual
+    feasible and not worse, and makes ``y``, ``nu``, ``lam`` exact to rounding and inactive
+    ``lam_i`` exactly 0.
     An ``h_i = +inf`` means "no constraint": the row is masked out of every iteration and
     backward system (its multiplier and cotangents are exactly 0).
 
@@ -1078,7 +1083,8 @@ def solve_qp(
 
     * ``"implicit"`` (exact): implicit function theorem on the active-set KKT system, in the
       static-shape masked form ``K = [Q, A', G'M; A, -eps I, 0; MG, 0, -(I-M) - eps M]``
-      with ``eps = ridge``, solved with the polish LU when the masks agree. With ``(w, mu)``
+      with ``eps = ridge``, solved through the forward pass's factorisation of ``Q`` (a
+      Cholesky factorisation of size ``p + k`` and one refinement step). With ``(w, mu)``
       the solution of ``K [w; mu_E; mu_I] = [ybar; nubar; lambar]`` the gradients are those of
       OptNet: ``cbar = -w``, ``Qbar = -(w y' + y w')/2``, ``bbar = mu_E``,
       ``Abar = -(nu w' + mu_E y')``, ``hbar_I = mu_I``, ``Gbar_I = -(lam_I w' + mu_I y')``,
@@ -1096,8 +1102,9 @@ def solve_qp(
       slacks); at a weakly active row it averages the two one-sided derivatives. The returned
       solution is still the exact QP solution.
     * ``"penalty"``: Kornowski et al.'s first-order oracle in VJP form (§1.5): one SPD solve
-      with ``Q + alpha^-2 C_I'C_I`` (``C_I`` = ``A`` and the active rows of ``G``) and one
-      gradient of a scalar Lagrangian gap; no KKT matrix. Error ``O(alpha^2)``.
+      with ``Q + alpha^-2 C_I'C_I`` (``C_I`` = ``A`` and the active rows of ``G``; through
+      ``Q``'s factorisation, by the Woodbury identity) and one gradient of a scalar
+      Lagrangian gap. Error ``O(alpha^2)``.
 
     Assumptions: ``Q`` positive semidefinite and the QP strictly convex on the feasible set
     (unique ``y``); the exact rules need strict complementarity and LICQ for a true
@@ -1106,13 +1113,14 @@ def solve_qp(
     direction of unbounded descent), ``MAX_STEPS`` (with the residual reached), ``NONFINITE``
     (non-finite data or iterate; outputs keep the last finite iterate).
 
-    Cost: one ``O((n + p + k)^3)`` LU per iteration, typically 8-15 iterations, plus the
-    polish (one LU, rarely up to four); the ``"implicit"`` backward pass reuses the polish
-    factorisation (two triangular solves) when the active masks agree, the others factorise
-    once (``"relaxed"`` also runs a few Newton steps). Forward mode (``jax.jvp``) is not
-    supported (``custom_vjp``). Under ``jax.vmap`` the ``while_loop`` runs until the slowest
-    member of the batch has converged, and ``lax.cond`` becomes a select, so the backward
-    factorisation is recomputed for every member. The numerical options are traced inside
+    Cost: ``n^3/3 + n^2 (p + k)`` once (Cholesky of ``Q``, then ``W``), then per iteration a
+    Cholesky of size ``p + k`` and matrix-vector products (typically 8-15 iterations), the
+    polish (one Cholesky of size ``p + k``, rarely up to four), and on the backward pass one
+    more such Cholesky plus two solves with ``Q``'s factor (``"relaxed"`` also runs a few
+    Newton steps). Best when ``p + k`` is not much larger than ``n``. Forward mode
+    (``jax.jvp``) is not supported (``custom_vjp``). Under ``jax.vmap`` the ``while_loop``
+    runs until the slowest member of the batch has converged, and ``lax.cond`` becomes a
+    select (both branches run). The numerical options are traced inside
     the compiled solver: changing ``tol``, ``ridge``, ``alpha``, ... does not recompile it.
 
     Args:
