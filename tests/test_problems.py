@@ -172,9 +172,6 @@ def test_coupled_benchmark_hypergradient_closed_form():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="argmin's interior point stalls at x0 (no active row, "
-                   "infeasible start y0 = 0): its merit backtracking takes steps ~1e-9 from "
-                   "iteration 15 on (constrained.py); solve_qp solves it in 9 iterations")
 def test_coupled_benchmark_lower_level_at_x0():
     prob, _ = coupled_benchmark(seed=0)
     assert int(prob.lower(prob.x0).info.status) == bj.Status.SUCCESS
@@ -271,9 +268,6 @@ def test_toll_network_lower_level_and_hypergradient():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="argmin's interior point does not converge on eq + box "
-                   "(constrained.py: merit stall, and the reduced projected Newton system loses "
-                   "accuracy as lam/s grows); solve_qp solves it in 11 iterations")
 def test_toll_network_lower_level_through_argmin():
     prob, _ = toll_network(seed=0, num_nodes=4)
     assert int(prob.lower(prob.x0).info.status) == bj.Status.SUCCESS

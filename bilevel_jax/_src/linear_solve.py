@@ -64,6 +64,7 @@ __all__ = [
     "default_max_iter",
     "default_tol",
     "factorize",
+    "inverse_products",
     "linear_solve",
     "materialize",
     "solve_cg",
@@ -367,6 +368,25 @@ def factorize(matrix: Any, *, structure: str = "general", ridge: Any = 0.0) -> F
         return Factorization("cholesky", (c,))
     lu, piv = jsp_linalg.lu_factor(matrix)
     return Factorization("lu", (lu, piv))
+
+
+def inverse_products(chol: Any, rows: Any):
+    """Apply ``M^-1`` to the rows of ``C``, given the lower Cholesky factor ``L`` of ``M``.
+
+    Args:
+      chol: ``L`` with ``L L' = M``, shape ``(n, n)``.
+      rows: ``C``, shape ``(k, n)``.
+
+    Returns:
+      ``(U, W)``: ``U = M^-1 C'`` of shape ``(n, k)`` and ``W = C M^-1 C'`` (exactly
+      symmetric), the pieces of a Schur complement or a Woodbury update.
+
+    Cost: ``2 n^2 k`` flops; the triangular solves act on the right (``C L^-T``), which XLA's
+    CPU backend runs several times faster than left-side solves with ``k`` right-hand sides.
+    """
+    V = jax.lax.linalg.triangular_solve(chol, rows, left_side=False, lower=True, transpose_a=True)
+    U = jax.lax.linalg.triangular_solve(chol, V, left_side=False, lower=True).T
+    return U, V @ V.T
 
 
 def solve_factorized(factorization: Factorization, b: Any, *, transpose: bool = False) -> jax.Array:

@@ -461,13 +461,8 @@ def _prepare(qp: _QP, valid) -> _Prepared:
     chol_q = lax.cond(
         jnp.all(jnp.isfinite(chol_q)), lambda: chol_q, lambda: factor(_regularisation(dtype))
     )
-    # [C; c'] Q_d^-1 = V L^-1 with V = [C; c'] L^-T: right-side triangular solves (much faster
-    # than left-side ones on CPU), and W = V V' (exactly symmetric).
-    rows = jnp.concatenate([C, c[None, :]])
-    V = lax.linalg.triangular_solve(chol_q, rows, left_side=False, lower=True, transpose_a=True)
-    Uc = lax.linalg.triangular_solve(chol_q, V, left_side=False, lower=True)
-    V = V[:-1]
-    return _Prepared(chol_q, C, Uc[:-1].T, _mm(V, V.T), Uc[-1])
+    Uc, Wc = ls.inverse_products(chol_q, jnp.concatenate([C, c[None, :]]))
+    return _Prepared(chol_q, C, Uc[:, :-1], Wc[:-1, :-1], Uc[:, -1])
 
 
 def _factor(pre: _Prepared, m, e, delta=None):
