@@ -10,6 +10,7 @@ public is listed in ``__all__`` (plus the submodule ``bj.discrete``). Do not imp
 
 from importlib.metadata import PackageNotFoundError, version
 
+from bilevel_jax import algorithms as algorithms
 from bilevel_jax import discrete as discrete
 from bilevel_jax import problems as problems
 from bilevel_jax._src.argmin import argmin as argmin
@@ -62,6 +63,7 @@ __all__ = [
     "Solution",
     "SolveError",
     "Status",
+    "algorithms",
     "argmin",
     "bilevel_layer",
     "bilevel_minimax_kkt",
