@@ -125,6 +125,8 @@ def kornowski_l1(seed: int = 1, dim_x: int = 100, dim_y: int = 200, dist: str = 
     ``y* = argmin_{A y <= b} 1/2 y'Qy + x'P y``; draws (NumPy ``RandomState(seed)``), in order:
     ``L`` (dy x dy), ``c`` (normalised), ``Q = L'L + I``, ``P`` (dx x dy), ``A`` (m x dy, m = dy/5),
     ``b`` (m), ``x0`` (dx); ``dist="uniform"`` (the code, default) or ``"normal"`` (the text).
+    The authors draw with ``torch.rand``, so the same seed gives a different instance here
+    (seed 1 starts at ``F(x0) = 1.087``, the paper's at 0.97).
 
     Returns:
       ``(problem, data)``: a :class:`BilevelProblem` and the dict of NumPy arrays
