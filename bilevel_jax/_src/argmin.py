@@ -783,30 +783,46 @@ def argmin(
                     if ineq is not None else None, info)
 
 
-def _polish(problem, fun, y, lam, ineq, params, tol):
+def _polish(problem, fun, y, lam, ineq, params, tol, max_rounds=4):
     """Re-solve on the active set as equalities (ALGORITHMS.md §2.3 polish).
 
     Two Newton steps on ``min g s.t. A y = b, G_I y = h_I`` make ``(y, lam_I)`` exact to
     rounding (inactive multipliers exactly 0), which the first-order rules need (their error
-    is the solve error divided by ``alpha^2``). The polished point is kept only if it stays
-    feasible for the inactive rows with ``lam_I >= 0``.
+    is the solve error divided by ``alpha^2``). A guess of ``I`` is accepted if the polished
+    point stays feasible for the inactive rows with ``lam_I >= 0``; otherwise the primal-dual
+    active-set update ``I <- {i in I: lam_i >= 0} + {i not in I: violated}`` is tried, at most
+    ``max_rounds`` guesses in all (a row whose multiplier and slack the interior point has
+    not yet told apart, ``lam_i ~ s_i``, needs it). If none is accepted, ``(y, lam)`` is kept.
     """
-    m = ineq.active(y, lam)
-    affine = problem.affine(params, extra=(m[:, None] * ineq.G, m * ineq.h))
-    n = y.shape[0]
+    n, k = y.shape[0], lam.shape[0]
     eye = jnp.eye(n, dtype=y.dtype)
-    P = eye - affine.pinv @ affine.A
+    tol_s = jnp.sqrt(tol) * (1 + jnp.max(jnp.abs(ineq.h), initial=0.0))
 
-    def newton_step(_, y):  # full steps: the start is within the quadratic-convergence region
-        hess = P @ jax.hessian(fun)(y) @ P + (eye - P)
-        return y - jnp.linalg.solve(hess, P @ jax.grad(fun)(y))
+    def attempt(m):
+        affine = problem.affine(params, extra=(m[:, None] * ineq.G, m * ineq.h))
+        P = eye - affine.pinv @ affine.A
 
-    y_pol = jax.lax.fori_loop(0, 2, newton_step, affine.project(y))
-    mult = affine.multipliers(jax.grad(fun)(y_pol))
-    lam_pol = m * mult[mult.shape[0] - m.shape[0]:]
-    scale = 1 + jnp.max(jnp.abs(ineq.h), initial=0.0)
-    ok = (jnp.all(ineq.slack(y_pol) >= -jnp.sqrt(tol) * scale) & jnp.all(lam_pol >= 0)
-          & jnp.all(jnp.isfinite(y_pol)))
+        def newton_step(_, y):  # full steps: the start is within the quadratic-convergence region
+            hess = P @ jax.hessian(fun)(y) @ P + (eye - P)
+            return y - jnp.linalg.solve(hess, P @ jax.grad(fun)(y))
+
+        y_pol = jax.lax.fori_loop(0, 2, newton_step, affine.project(y))
+        mult = affine.multipliers(jax.grad(fun)(y_pol))
+        lam_pol = m * mult[mult.shape[0] - k:]
+        slack = ineq.slack(y_pol)
+        ok = jnp.all(slack >= -tol_s) & jnp.all(lam_pol >= 0) & jnp.all(jnp.isfinite(y_pol))
+        update = ineq.finite & jnp.where(m > 0, lam_pol >= 0, slack < -tol_s)
+        return y_pol, lam_pol, ok, update.astype(m.dtype)
+
+    def body(state):
+        it, _, _, _, m = state
+        y_pol, lam_pol, ok, update = attempt(m)
+        return it + 1, y_pol, lam_pol, ok, update
+
+    state = (jnp.asarray(0), y, lam, jnp.asarray(False), ineq.active(y, lam))
+    _, y_pol, lam_pol, ok, _ = jax.lax.while_loop(
+        lambda st: (st[0] < max_rounds) & ~st[3], body, state
+    )
     return jnp.where(ok, y_pol, y), jnp.where(ok, lam_pol, lam)
 
 
