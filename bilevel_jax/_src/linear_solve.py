@@ -70,6 +70,7 @@ __all__ = [
     "solve_cg",
     "solve_dense",
     "solve_factorized",
+    "symmetric_norm",
     "solve_gmres",
     "solve_minres",
     "solve_neumann",
@@ -368,6 +369,30 @@ def factorize(matrix: Any, *, structure: str = "general", ridge: Any = 0.0) -> F
         return Factorization("cholesky", (c,))
     lu, piv = jsp_linalg.lu_factor(matrix)
     return Factorization("lu", (lu, piv))
+
+
+def symmetric_norm(matvec: Callable, like: Any, num_iter: int = 20) -> jax.Array:
+    """``||M||_2`` of a symmetric operator by ``num_iter`` steps of power iteration.
+
+    Args:
+      matvec: ``w -> M w`` on flat arrays, ``M`` symmetric.
+      like: a flat array with the shape and dtype of ``w``.
+      num_iter: power-iteration steps (fixed, so the cost is static).
+
+    Returns:
+      The estimate ``||M w|| / ||w||`` after the iterations (a lower bound that converges to
+      the largest absolute eigenvalue), from the deterministic start ``1 + i / n``.
+    """
+    n = like.shape[0]
+    tiny = jnp.finfo(like.dtype).tiny
+
+    def unit(w):
+        return w / jnp.maximum(jnp.sqrt(jnp.sum(w * w)), tiny)
+
+    w = jnp.ones_like(like) + jnp.arange(n, dtype=like.dtype) / max(n, 1)
+    w = jax.lax.fori_loop(0, num_iter, lambda _, w: matvec(unit(w)), w)
+    mw = matvec(unit(w))
+    return jnp.sqrt(jnp.sum(mw * mw))
 
 
 def inverse_products(chol: Any, rows: Any):

@@ -171,16 +171,7 @@ def _operator_norm(op, z, n_u, num_iter=20):
     symmetric Hessian ``H = S dF/dz`` of ``f``, whose power iteration needs no transposes.
     """
     sign = jnp.where(jnp.arange(z.shape[0]) < n_u, 1.0, -1.0).astype(z.dtype)
-    hvp = lambda w: sign * jax.jvp(op, (z,), (w,))[1]  # noqa: E731
-    tiny = jnp.finfo(z.dtype).tiny
-    w = jnp.ones_like(z) + jnp.arange(z.shape[0], dtype=z.dtype) / z.shape[0]
-
-    def body(_, w):
-        w = w / jnp.maximum(_norm(w), tiny)
-        return hvp(w)
-
-    w = jax.lax.fori_loop(0, num_iter, body, w)
-    return _norm(hvp(w / jnp.maximum(_norm(w), tiny)))
+    return ls.symmetric_norm(lambda w: sign * jax.jvp(op, (z,), (w,))[1], z, num_iter)
 
 
 def _initial_step(op, z0, n_u, step_size, factor):

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src import minimax
 from bilevel_jax._src.projections import Box, cast_sets, check_set, project
 from bilevel_jax._src.tree import tree_all_finite
@@ -377,15 +378,7 @@ def _block_lipschitz(pen, u, v, rho, anchor, sigma, num_iter=20):
 def _uu_lipschitz(pen, u, v, rho, anchor, sigma, num_iter=20):
     grad_u = jax.grad(pen.value, argnums=0)
     hvp = lambda w: jax.jvp(lambda u_: grad_u(u_, v, rho, anchor, sigma), (u,), (w,))[1]  # noqa: E731
-    tiny = jnp.finfo(u.dtype).tiny
-    w = jnp.ones_like(u) + jnp.arange(u.shape[0], dtype=u.dtype) / u.shape[0]
-
-    def body(_, w):
-        w = w / jnp.maximum(_norm(w), tiny)
-        return hvp(w)
-
-    w = jax.lax.fori_loop(0, num_iter, body, w)
-    return _norm(hvp(w / jnp.maximum(_norm(w), tiny)))
+    return ls.symmetric_norm(hvp, u, num_iter)
 
 
 def _gdmax(pen, u0, v0, rho, sigma, tol, max_iter, ascent_steps, step_size):
