@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilevel_jax._src.implicit import custom_solution
-from bilevel_jax._src.tree import is_inexact, zero_cotangent
+from bilevel_jax._src.tree import zero_cotangent
 from bilevel_jax._src.types import Array
+from bilevel_jax._src.validation import check_float_tree
 
 __all__ = [
     "DiscreteBilevel",
@@ -83,17 +84,6 @@ def _tree_dot(a, b):
     pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
     leaves = [jnp.sum(x * y) for x, y in pairs]
     return sum(leaves[1:], leaves[0])
-
-
-def _check_costs(costs, name="costs"):
-    leaves = jax.tree_util.tree_leaves(costs)
-    if not leaves:
-        raise ValueError(f"{name} must contain at least one array, got an empty pytree.")
-    for leaf in leaves:
-        if not is_inexact(leaf):
-            raise TypeError(
-                f"{name} must contain floating-point arrays, got dtype {jnp.result_type(leaf)}."
-            )
 
 
 def _eval_solver(solver, costs, what="solver(costs)"):
@@ -169,7 +159,7 @@ def identity(solver: Callable) -> Callable:
     """
 
     def fn(costs):
-        _check_costs(costs)
+        check_float_tree("costs", costs)
         _check_same_structure(solver, costs, "identity")
         conv, consts = _convert(solver, costs)
 
@@ -254,7 +244,7 @@ def perturbed(
         return eta
 
     def fn(costs, key):
-        _check_costs(costs)
+        check_float_tree("costs", costs)
         _eval_solver(solver, costs)
         if not (hasattr(key, "shape") and (key.shape == (2,) or
                                            jnp.issubdtype(key.dtype, jax.dtypes.prng_key))):
@@ -316,7 +306,7 @@ def interpolated(solver: Callable, *, lambda_: float = 1.0) -> Callable:
     _check_positive("lambda_", lambda_)
 
     def fn(costs):
-        _check_costs(costs)
+        check_float_tree("costs", costs)
         _check_same_structure(solver, costs, "interpolated")
         conv, consts = _convert(solver, costs)
 
@@ -372,7 +362,7 @@ def relaxed(*, regularizer: str = "entropy", temperature: float = 1.0) -> Callab
 
     def fn(costs):
         costs = jnp.asarray(costs)
-        _check_costs(costs)
+        check_float_tree("costs", costs)
         if costs.ndim < 1:
             raise ValueError("costs must have at least one axis (the choices), got a scalar.")
         scores = -costs / temperature
@@ -595,8 +585,8 @@ def bilevel(
         return lambda c_x, c_y, key: layer((c_x, c_y), key)
 
     def fn(c_x, c_y):
-        _check_costs(c_x, "c_x")
-        _check_costs(c_y, "c_y")
+        check_float_tree("c_x", c_x)
+        check_float_tree("c_y", c_y)
         c_x, c_y = jnp.asarray(c_x), jnp.asarray(c_y)
         if c_x.ndim != 1 or c_y.ndim != 1 or M.shape != (c_y.shape[0], c_x.shape[0]):
             raise ValueError(

@@ -19,6 +19,12 @@ def check_option(name: str, value, allowed: tuple) -> None:
 
 def flatten_variables(name: str, tree):
     """Check ``tree`` is a non-empty pytree of float arrays; return ``ravel_pytree(tree)``."""
+    check_float_tree(name, tree)
+    return ravel_pytree(tree)
+
+
+def check_float_tree(name: str, tree):
+    """Raise unless ``tree`` is a non-empty pytree of floating-point arrays (names ``name``)."""
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         raise ValueError(f"{name} must contain at least one array, got an empty pytree.")
@@ -28,7 +34,6 @@ def flatten_variables(name: str, tree):
                 f"{name} must contain floating-point arrays, got dtype "
                 f"{jnp.result_type(leaf)}; pass e.g. jnp.zeros(n) rather than an integer array."
             )
-    return ravel_pytree(tree)
 
 
 def check_scalar_output(fn: Callable, args: tuple, call: str, signature: str) -> None:
