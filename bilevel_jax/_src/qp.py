@@ -395,7 +395,7 @@ class _IPMOut(NamedTuple):
     s: Array
     num_steps: Array
     flag: Array  # 0 running (max steps), 1 converged, 2 primal infeasible, 3 unbounded, 4 nonfinite
-    residual: Array  # relative KKT residual of the final iterate (with its slack s)
+    residual: Array  # relative KKT residual of the final iterate (original units)
 
 
 _RUNNING, _CONVERGED, _PINF, _DINF, _NONFINITE = 0, 1, 2, 3, 4
@@ -415,6 +415,73 @@ def _step_to_boundary(x, dx, valid):
     return jnp.minimum(jnp.min(ratio), 1).astype(x.dtype)
 
 
+# --------------------------------------------------------------------------------------------
+# Scaling. The interior point and the polish run on an equilibrated copy of the problem,
+#
+#     Q^ = sigma D Q D ,  c^ = sigma D c ,  C^ = E C D ,  d^ = E d      (C = [A; G], d = [b; h]),
+#
+# with ``D``, ``E`` from Ruiz's iteration on the KKT matrix ``[Q, C'; C, 0]`` (every row and
+# column of it brought to unit max-norm) and the cost scale ``sigma`` of OSQP. A point of the
+# scaled problem maps back as ``y = D y^``, ``(nu, lam) = E (nu^, lam^) / sigma``,
+# ``s = s^ / E``; every KKT matrix as ``K(m, e) = S^-1 K^(m, E^2 e / sigma) S^-1`` with
+# ``S = diag(sqrt(sigma) D, E / sqrt(sigma))``. Stopping tests, statuses and ``info.residual``
+# are always measured on the original data.
+
+
+class _Scaling(NamedTuple):
+    D: Array  # (n,)
+    E: Array  # (p + k,)
+    sigma: Array  # ()
+
+
+def _equilibrate(qp: _QP, valid, iters=10) -> _Scaling:
+    """Ruiz equilibration of ``[Q, C'; C, 0]`` (``iters`` sweeps) and OSQP's cost scaling."""
+    Q, c, A, _, G, _ = qp
+    C = jnp.concatenate([A, G * valid.astype(Q.dtype)[:, None]])
+
+    def inv_sqrt(norm):  # OSQP's limits: tiny norms (empty rows, zero columns) are left alone
+        return 1 / jnp.sqrt(jnp.where(norm < 1e-4, 1, jnp.minimum(norm, 1e4)))
+
+    def sweep(_, carry):
+        D, E = carry
+        Qs, Cs = jnp.abs(Q * jnp.outer(D, D)), jnp.abs(C * jnp.outer(E, D))
+        col = jnp.maximum(jnp.max(Qs, axis=0), jnp.max(Cs, axis=0, initial=0))
+        return D * inv_sqrt(col), E * inv_sqrt(jnp.max(Cs, axis=1, initial=0))
+
+    ones = (jnp.ones_like(c), jnp.ones((C.shape[0],), Q.dtype))
+    D, E = lax.fori_loop(0, iters, sweep, ones)
+    cost = jnp.maximum(jnp.mean(jnp.max(jnp.abs(Q * jnp.outer(D, D)), axis=0)), _amaxes(D * c)[0])
+    sigma = 1 / jnp.where(cost < 1e-4, 1, jnp.minimum(cost, 1e4))
+    return _Scaling(D, E, sigma)
+
+
+def _scale(qp: _QP, sc: _Scaling) -> _QP:
+    Q, c, A, b, G, h = qp
+    D, E, sigma = sc
+    p = A.shape[0]
+    Ea, Eg = E[:p], E[p:]
+    return _QP(
+        sigma * Q * jnp.outer(D, D),
+        sigma * D * c,
+        A * jnp.outer(Ea, D),
+        Ea * b,
+        G * jnp.outer(Eg, D),
+        Eg * h,
+    )
+
+
+def _unscale(sc: _Scaling, y, nu, lam):
+    D, E, sigma = sc
+    p = nu.shape[0]
+    return D * y, E[:p] * nu / sigma, E[p:] * lam / sigma
+
+
+def _scale_point(sc: _Scaling, y, nu, lam):
+    D, E, sigma = sc
+    p = nu.shape[0]
+    return y / D, sigma * nu / E[:p], sigma * lam / E[p:]
+
+
 # Every KKT matrix of this module has the form
 #
 #     K(m, e) = [[Q, C'M], [M C, -diag(e)]] ,   C = [A; G] ,   M = diag(m) ,
@@ -422,14 +489,21 @@ def _step_to_boundary(x, dx, valid):
 # with ``m = 1`` on the equality rows, ``e >= 0`` (interior point: ``e = s / lam`` on the
 # inequality rows; active-set systems: ``m`` the mask, ``e = (1 - m) + ridge m``). It is solved
 # through the Schur complement on the constraints, ``S = M W M + diag(e)`` with
-# ``W = C Q^-1 C'`` computed once per problem, so an interior-point iteration costs one
+# ``W = C Q_d^-1 C'`` computed once per problem, so an interior-point iteration costs one
 # Cholesky factorisation of size ``p + k`` instead of an LU of size ``n + p + k``.
+# ``Q_d = Q + delta I`` with ``delta`` at rounding level when ``Q`` is well conditioned. When
+# it is singular or nearly so (LPs, lasso-like QPs), ``delta = sqrt(eps)`` (relative) and
+# every solve is followed by iterative refinement against the exact ``K``: this is a
+# proximal (primal-regularised) interior point, exact at convergence.
 
 
 class _Prepared(NamedTuple):
-    """Once per problem (``Q_d = Q + delta I``): ``chol(Q_d)``, ``C``, ``U``, ``W``, ``q_c``.
+    """Once per (scaled) problem: ``chol(Q_d)``, ``C``, ``U``, ``W``, ``q_c`` and flags.
 
-    ``U = Q_d^-1 C'``, ``W = C U`` and ``q_c = Q_d^-1 c``.
+    ``U = Q_d^-1 C'``, ``W = C U`` and ``q_c = Q_d^-1 c``; ``Q`` is the exact (symmetric)
+    matrix that refinement steps apply; ``refine`` the number of refinement steps every solve
+    takes (0 when ``Q`` is well conditioned); ``convex`` is False when ``Q + delta I`` is not
+    positive definite even with the larger ``delta`` (``Q`` indefinite).
     """
 
     chol_q: Array
@@ -437,19 +511,24 @@ class _Prepared(NamedTuple):
     U: Array
     W: Array
     q_c: Array
+    Q: Array
+    refine: Array
+    convex: Array
 
 
 def _prepare(qp: _QP, valid) -> _Prepared:
     """Factorise ``Q_d = Q + delta I`` and form ``W``.
 
-    ``delta = 10 eps (1 + max|Q|)``, which keeps the interior point's residual bias
-    ``delta |y|`` (from ``Q_d^-1 Q y ~ y``, see :func:`_direction`) at rounding level; a
-    singular ``Q`` whose factorisation then fails gets ``delta = 1e-2 sqrt(eps) (1 + max|Q|)``
-    (the polish, refined against the exact ``Q``, removes the bias). Rows of ``G`` with
-    ``h_i = +inf`` are zeroed: they read ``-e_i x_i = r_i``.
+    ``delta = 10 eps (1 + max|Q|)`` keeps the interior point's residual bias ``delta |y|``
+    (from ``Q_d^-1 Q y ~ y``, see :func:`_dual_step`) at rounding level. When that
+    factorisation fails or has a pivot below ``sqrt(eps) (1 + max|Q|)`` (``Q`` singular or
+    nearly so) ``delta = sqrt(eps) (1 + max|Q|)`` and every solve takes three refinement steps
+    against the exact matrix. Rows of ``G`` with ``h_i = +inf`` are zeroed: they read
+    ``-e_i x_i = r_i``.
     """
     Q, c, A, _, G, _ = qp
     dtype = Q.dtype
+    eps = float(jnp.finfo(dtype).eps)
     C = jnp.concatenate([A, G * valid.astype(dtype)[:, None]])
     scale = 1 + _amaxes(Q)[0]
     eye = jnp.eye(Q.shape[0], dtype=dtype)
@@ -457,12 +536,14 @@ def _prepare(qp: _QP, valid) -> _Prepared:
     def factor(delta):
         return lax.linalg.cholesky(Q + (delta * scale) * eye, symmetrize_input=False)
 
-    chol_q = factor(10 * float(jnp.finfo(dtype).eps))
-    chol_q = lax.cond(
-        jnp.all(jnp.isfinite(chol_q)), lambda: chol_q, lambda: factor(_regularisation(dtype))
-    )
+    chol_q = factor(10 * eps)
+    pivot = jnp.min(jnp.abs(jnp.diagonal(chol_q))) ** 2
+    healthy = jnp.all(jnp.isfinite(chol_q)) & (pivot > eps**0.5 * scale)
+    chol_q = lax.cond(healthy, lambda: chol_q, lambda: factor(eps**0.5))
+    convex = jnp.all(jnp.isfinite(chol_q))
     Uc, Wc = ls.inverse_products(chol_q, jnp.concatenate([C, c[None, :]]))
-    return _Prepared(chol_q, C, Uc[:, :-1], Wc[:-1, :-1], Uc[:, -1])
+    refine = jnp.where(healthy, 0, 3).astype(jnp.int32)
+    return _Prepared(chol_q, C, Uc[:, :-1], Wc[:-1, :-1], Uc[:, -1], Q, refine, convex)
 
 
 def _factor(pre: _Prepared, m, e, delta=None):
@@ -476,18 +557,18 @@ def _factor(pre: _Prepared, m, e, delta=None):
     return lax.linalg.cholesky(S, symmetrize_input=False)
 
 
-def _kkt_apply(Q, pre: _Prepared, m, e, x):
+def _kkt_apply(pre: _Prepared, m, e, x):
     """``K(m, e) x`` with the exact (unregularised) ``Q``."""
     x1, x2 = x
-    return _mm(Q, x1) + _mm(pre.C.T, m * x2), m * _mm(pre.C, x1) - e * x2
+    return _mm(pre.Q, x1) + _mm(pre.C.T, m * x2), m * _mm(pre.C, x1) - e * x2
 
 
-def _kkt_solve(Q, pre: _Prepared, chol_s, m, e, r, steps=1, t=None):
+def _kkt_solve(pre: _Prepared, chol_s, m, e, r, steps=1, t=None):
     """Solve ``K(m, e) x = r`` with the regularised factors, plus ``steps`` refinements on ``K``.
 
     ``x2 = S^-1 (M C t - r2)``, ``x1 = t - U M x2`` with ``t = Q_d^-1 r1``; pass ``t`` when it
-    is known without a solve (the interior point's ``r1 = -(Q y + c + C'x)`` gives
-    ``t = -(y + q_c + U x)``). A ``fori_loop`` keeps a single refinement in the program.
+    is known without a solve (e.g. ``r1 = -c`` gives ``t = -q_c``). ``steps`` may be traced;
+    a loop keeps a single refinement in the program.
     """
     r1, r2 = r
 
@@ -498,12 +579,22 @@ def _kkt_solve(Q, pre: _Prepared, chol_s, m, e, r, steps=1, t=None):
         return t - _mm(pre.U, m * x2), x2
 
     def refine(_, x):
-        a1, a2 = _kkt_apply(Q, pre, m, e, x)
+        a1, a2 = _kkt_apply(pre, m, e, x)
         d1, d2 = solve(r1 - a1, r2 - a2)
         return x[0] + d1, x[1] + d2
 
-    x = solve(r1, r2, t)
-    return lax.fori_loop(0, steps, refine, x) if steps else x
+    return lax.fori_loop(0, steps, refine, solve(r1, r2, t))
+
+
+def _solve_original(pre: _Prepared, sc: _Scaling, m, e, r, delta=None, steps=1):
+    """Solve ``K(m, e) x = r`` of the *original* problem with the scaled factorisation."""
+    D, E, sigma = sc
+    root = jnp.sqrt(sigma)
+    s1, s2 = root * D, E / root
+    e_hat = e * E**2 / sigma
+    chol_s = _factor(pre, m, e_hat, delta)
+    x1, x2 = _kkt_solve(pre, chol_s, m, e_hat, (s1 * r[0], s2 * r[1]), steps + pre.refine)
+    return s1 * x1, s2 * x2
 
 
 def _active_system(p, mask, ridge, dtype):
@@ -525,38 +616,21 @@ def _newton_system(qp: _QP, pre: _Prepared, lam, s, valid):
     return m, e, _factor(pre, m, e, 10 * float(jnp.finfo(dtype).eps))
 
 
-def _dual_step(pre: _Prepared, y, nu, lam, rd, valid):
-    """``t = -Q_d^-1 rd``, the first half of every Newton solve of an interior-point iteration.
+def _dual_step(pre: _Prepared, y, x, tau, rd):
+    """``Q_d^-1 rd`` for ``rd = Q y + C'x + c tau``, the first half of every Newton solve.
 
-    As ``rd = Q y + c + C'x`` (``x = (nu, lam)``), ``t = -(y + q_c + U x)`` up to the bias
+    When ``Q_d`` is well conditioned this is ``y + U x + q_c tau`` up to the bias
     ``delta Q_d^-1 y`` (rounding level, see :func:`_prepare`), with no triangular solve. When
-    the multipliers are large (``|U x| > 1e3 (1 + |y| + |q_c|)``, e.g. on an infeasible
-    problem, whose iterates diverge) that sum cancels, and ``t`` is computed by a solve.
+    ``Q`` is nearly singular (the bias is not small), or the multipliers are large
+    (``|U x| > 1e3 (1 + |y| + |q_c|)``, where that sum cancels), it is computed by a solve.
     """
-    Ux = _mm(pre.U, jnp.concatenate([nu, jnp.where(valid, lam, 0)]))
-    y_, q_, Ux_ = _amaxes(y, pre.q_c, Ux)
+    Ux = _mm(pre.U, x)
+    y_, q_, Ux_ = _amaxes(y, pre.q_c * tau, Ux)
     return lax.cond(
-        Ux_ > 1e3 * (1 + y_ + q_),
-        lambda: -jax.scipy.linalg.cho_solve((pre.chol_q, True), rd),
-        lambda: -(y + pre.q_c + Ux),
+        (Ux_ > 1e3 * (1 + y_ + q_)) | (pre.refine > 0),
+        lambda: jax.scipy.linalg.cho_solve((pre.chol_q, True), rd),
+        lambda: y + pre.q_c * tau + Ux,
     )
-
-
-def _direction(qp: _QP, pre: _Prepared, system, t, rd, rp, ri, rc, lam, valid):
-    """Newton direction of the slack-form KKT system for the complementarity residual ``rc``.
-
-    Eliminating ``ds = -(rc + s dlam) / lam`` from ``S dlam + Lam ds = -rc`` leaves
-    ``[Q A' G'; A 0 0; G 0 -S/Lam] [dy; dnu; dlam] = [-rd; -rp; -ri + rc/lam]``;
-    ``t = -Q_d^-1 rd`` from :func:`_dual_step`.
-    """
-    p = qp.A.shape[0]
-    m, e, chol_s = system
-    lam_safe = jnp.where(valid & (lam > 0), lam, 1)
-    r2 = jnp.concatenate([-rp, jnp.where(valid, -ri + rc / lam_safe, 0)])
-    dy, x2 = _kkt_solve(qp.Q, pre, chol_s, m, e, (-rd, r2), steps=0, t=t)
-    dnu, dlam = x2[:p], jnp.where(valid, x2[p:], 0)
-    ds = jnp.where(valid, -ri - _mm(qp.G, dy), 0)
-    return dy, dnu, dlam, ds
 
 
 def _kkt_vectors(qp: _QP, y, nu, lam, s, valid):
@@ -567,16 +641,16 @@ def _kkt_vectors(qp: _QP, y, nu, lam, s, valid):
     return rd, rp, ri
 
 
-def _initial_point(qp: _QP, pre: _Prepared, valid, init, warm):
-    """Starting point of the interior-point method.
+def _initial_point(qp: _QP, pre: _Prepared, sc: _Scaling, valid, init, warm):
+    """Starting point of the interior-point method (scaled problem).
 
     Cold: cvxopt's start (the KKT solve with ``s = lam = 1``, then a shift into the interior).
-    Warm (``warm`` a traced flag): ``init = (y, nu, lam)`` with slacks and multipliers pushed
-    into the interior.
+    Warm (``warm`` a traced flag): ``init = (y, nu, lam)`` (original units) scaled, with
+    slacks and multipliers pushed into the interior.
     """
 
     def warm_start():
-        y, nu, lam = init
+        y, nu, lam = _scale_point(sc, *init)
         floor = 1e-2 * (1 + _amaxes(lam)[0])
         s = jnp.where(valid, jnp.maximum(qp.h - _mm(qp.G, y), floor), 1)
         lam = jnp.where(valid, jnp.maximum(lam, floor), 0)
@@ -592,7 +666,7 @@ def _cold_start(qp: _QP, pre: _Prepared, valid):
     p = A.shape[0]
     m, e, chol_s = _newton_system(qp, pre, ones, ones, valid)
     rhs = (-c, jnp.concatenate([b, jnp.where(valid, h, 0)]))
-    y, x2 = _kkt_solve(Q, pre, chol_s, m, e, rhs, steps=0, t=-pre.q_c)
+    y, x2 = _kkt_solve(pre, chol_s, m, e, rhs, steps=pre.refine, t=-pre.q_c)
     nu = x2[:p]
     z = jnp.where(valid, x2[p:], 0)  # = G y - h: the multiplier candidate; slack -z
 
@@ -604,64 +678,133 @@ def _cold_start(qp: _QP, pre: _Prepared, valid):
     return y, nu, shift(z), jnp.where(valid, shift(-z), 1)
 
 
-def _ipm(qp: _QP, sc: _Scales, pre: _Prepared, valid, tol, max_iter, init, warm):
-    """Mehrotra predictor-corrector on ``G y + s = h``, ``s, lam >= 0``, fixed shapes.
+def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared, valid, tol,
+         max_iter, init, warm):
+    """Homogeneous self-dual interior point (Mehrotra predictor-corrector) on the scaled QP.
 
-    Stops when the relative KKT residual is below ``tol``, on an infeasibility certificate,
-    on a non-finite step (the last finite iterate is kept) or after ``max_iter`` steps.
+    The iterate ``(y, x, s, tau, kappa)`` (``x = (nu, lam)``) solves the homogeneous embedding
+
+        Q y + C'x + c tau = 0 ,   C y + s - d tau = 0 ,   c'y + d'x + y'Qy / tau + kappa = 0 ,
+
+    with ``s_E = 0``, ``(s_I, lam) >= 0`` complementary and ``tau, kappa >= 0`` complementary.
+    ``(y, x, s) / tau`` solves the QP when ``tau > 0``; when ``tau -> 0 < kappa`` the iterate is
+    a certificate of primal infeasibility (``C'x = 0``, ``d'x < 0``) or of unboundedness
+    (``Q y = 0``, ``C y <= 0``, ``c'y < 0``). Each iteration factorises ``K(1, [0; s/lam])``
+    once and solves it three times (the constant direction ``[-c; d]``, predictor, corrector);
+    ``dtau`` follows from the last equation. Stops when the relative KKT residual of
+    ``(y, x, s) / tau`` in *original* units is below ``tol``, on a certificate (checked in
+    original units once ``kappa > tau``), on a non-finite step (the last finite iterate is
+    kept) or after ``max_iter`` steps.
     """
-    dtype = qp.Q.dtype
+    Q, c, A, b, G, h = qp
+    dtype = Q.dtype
+    p = A.shape[0]
     eps_inf = (0.1 * jnp.sqrt(jnp.maximum(tol, 1e-8))).astype(dtype)
     vf = valid.astype(dtype)
-    k_eff = jnp.maximum(jnp.sum(vf), 1)
+    k_eff = jnp.sum(vf) + 1
+    d = jnp.concatenate([b, vf * h])
+    m_all = jnp.ones((d.shape[0],), dtype)
+    zeros_p = jnp.zeros((p,), dtype)
+    tiny = jnp.finfo(dtype).tiny
 
-    def classify(y, nu, lam, s):
-        m = _measure(qp, sc, y, nu, lam, s, valid, eps_inf)
-        flag = jnp.where(m.pinf, _PINF, jnp.where(m.dinf, _DINF, _RUNNING))
-        return jnp.where(m.residual <= tol, _CONVERGED, flag), m.residual
+    def original(y, nu, lam, s, tau):
+        y, nu, lam = _unscale(scaling, y / tau, nu / tau, lam / tau)
+        return y, nu, lam, jnp.where(valid, s / (scaling.E[p:] * tau), 0)
+
+    def classify(y, nu, lam, s, tau, kappa):
+        meas = _measure(orig, sc_orig, *original(y, nu, lam, s, tau), valid, eps_inf)
+        cert = kappa > tau
+        flag = jnp.where(cert & meas.pinf, _PINF, jnp.where(cert & meas.dinf, _DINF, _RUNNING))
+        return jnp.where(meas.residual <= tol, _CONVERGED, flag), meas.residual
+
+    def to_boundary(x, dx):
+        return jnp.where(dx < 0, -x / jnp.where(dx < 0, dx, -1), 1)
 
     def body(state):
-        it, y, nu, lam, s, _, _ = state
-        rd, rp, ri = _kkt_vectors(qp, y, nu, lam, s, valid)
-        mu = jnp.sum(vf * s * lam) / k_eff
-        system = _newton_system(qp, pre, lam, s, valid)
-        t_dual = _dual_step(pre, y, nu, lam, rd, valid)
+        it, y, nu, lam, s, tau, kappa, _, _ = state
+        x = jnp.concatenate([nu, vf * lam])
+        Qy = _mm(Q, y)
+        r_y = Qy + _mm(pre.C.T, x) + c * tau
+        r_x = _mm(pre.C, y) + jnp.concatenate([zeros_p, vf * s]) - d * tau
+        yQy = jnp.dot(y, Qy, precision=_HI)
+        r_tau = jnp.dot(c, y, precision=_HI) + jnp.dot(d, x, precision=_HI) + yQy / tau + kappa
+        mu = (jnp.sum(vf * s * lam) + tau * kappa) / k_eff
+        lam_safe = jnp.where(valid & (lam > 0), lam, 1)
+        e = jnp.concatenate([zeros_p, jnp.where(valid, s / lam_safe, 1)])
+        chol_s = _factor(pre, m_all, e, 10 * float(jnp.finfo(dtype).eps))
+        p1, q1 = _kkt_solve(pre, chol_s, m_all, e, (-c, d), pre.refine, -pre.q_c)
+        w = c + 2 * Qy / tau
+        # The coefficient of dtau in the last equation once dy = p2 + dtau p1 and
+        # dx = q2 + dtau q1 are substituted; it equals -(p1 - y/tau)'Q(p1 - y/tau) - q1'E q1 -
+        # kappa/tau - delta |p1|^2 < 0 for the regularised solve.
+        denom = jnp.dot(w, p1, precision=_HI) + jnp.dot(d, q1, precision=_HI)
+        denom = denom - yQy / tau**2 - kappa / tau
+        t_y = _dual_step(pre, y, x, tau, r_y)
 
-        # Predictor (affine scaling, rc = s * lam), then corrector (centring plus the
-        # second-order term) with the same factorisation; a fori_loop keeps one solve.
-        def predictor_corrector(_, carry):
-            rc, _ = carry
-            step = _direction(qp, pre, system, t_dual, rd, rp, ri, rc, lam, valid)
-            _, _, dlam, ds = step
+        def direction(rc, rk, eta):
+            rhs = (-eta * r_y, -eta * r_x + jnp.concatenate([zeros_p, vf * rc / lam_safe]))
+            p2, q2 = _kkt_solve(pre, chol_s, m_all, e, rhs, pre.refine, -eta * t_y)
+            num = -eta * r_tau + rk / tau - jnp.dot(w, p2, precision=_HI)
+            dtau = (num - jnp.dot(d, q2, precision=_HI)) / denom
+            dy, dx = p2 + dtau * p1, q2 + dtau * q1
+            dlam = vf * dx[p:]
+            ds = vf * -(rc + s * dlam) / lam_safe
+            return dy, dx[:p], dlam, ds, dtau, -(rk + kappa * dtau) / tau
+
+        def longest(step):
+            _, _, dlam, ds, dtau, dkappa = step
             t = jnp.minimum(_step_to_boundary(s, ds, valid), _step_to_boundary(lam, dlam, valid))
-            mu_aff = jnp.sum(vf * (s + t * ds) * (lam + t * dlam)) / k_eff
-            sigma = jnp.clip(jnp.where(mu > 0, mu_aff / jnp.where(mu > 0, mu, 1), 0) ** 3, 0, 1)
-            return vf * (s * lam + ds * dlam - sigma * mu), step
+            return jnp.minimum(t, jnp.minimum(to_boundary(tau, dtau), to_boundary(kappa, dkappa)))
 
-        zeros = (jnp.zeros_like(y), jnp.zeros_like(nu), jnp.zeros_like(lam), jnp.zeros_like(s))
-        _, (dy, dnu, dlam, ds) = lax.fori_loop(0, 2, predictor_corrector, (vf * s * lam, zeros))
-        t = jnp.minimum(_step_to_boundary(s, ds, valid), _step_to_boundary(lam, dlam, valid))
-        t = jnp.minimum(1, 0.99 * t)
-        new = (y + t * dy, nu + t * dnu, lam + t * dlam, jnp.where(valid, s + t * ds, 1))
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in new]))
+        # Predictor (affine scaling), then corrector (centring plus the second-order term) with
+        # the same factorisation; a fori_loop keeps one solve in the program.
+        def predictor_corrector(_, carry):
+            rc, rk, eta, _ = carry
+            step = direction(rc, rk, eta)
+            _, _, dlam, ds, dtau, dkappa = step
+            t = longest(step)
+            gap = jnp.sum(vf * (s + t * ds) * (lam + t * dlam)) + (tau + t * dtau) * (
+                kappa + t * dkappa
+            )
+            sigma = jnp.clip((gap / k_eff / jnp.maximum(mu, tiny)) ** 3, 0, 1)
+            rc = vf * (s * lam + ds * dlam - sigma * mu)
+            return rc, tau * kappa + dtau * dkappa - sigma * mu, 1 - sigma, step
+
+        zero_step = (
+            jnp.zeros_like(y), jnp.zeros_like(nu), jnp.zeros_like(lam), jnp.zeros_like(s),
+            jnp.zeros_like(tau), jnp.zeros_like(kappa),
+        )
+        start = (vf * s * lam, tau * kappa, jnp.ones_like(tau), zero_step)
+        *_, step = lax.fori_loop(0, 2, predictor_corrector, start)
+        t = jnp.minimum(1, 0.99 * longest(step))
+        dy, dnu, dlam, ds, dtau, dkappa = step
+        new = (
+            y + t * dy, nu + t * dnu, lam + t * dlam, jnp.where(valid, s + t * ds, 1),
+            tau + t * dtau, kappa + t * dkappa,
+        )
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in new])) & (new[4] > 0)
         # A non-finite step keeps the last finite iterate and stops.
-        y, nu, lam, s = (jnp.where(finite, a, b) for a, b in zip(new, (y, nu, lam, s), strict=True))
-        flag, residual = classify(y, nu, lam, s)
+        old = (y, nu, lam, s, tau, kappa)
+        y, nu, lam, s, tau, kappa = (jnp.where(finite, a, o) for a, o in zip(new, old, strict=True))
+        flag, residual = classify(y, nu, lam, s, tau, kappa)
         flag = jnp.where(finite, flag, _NONFINITE)
-        return it + finite.astype(it.dtype), y, nu, lam, s, flag, residual
+        return it + finite.astype(it.dtype), y, nu, lam, s, tau, kappa, flag, residual
 
     def cond(state):
-        it, flag = state[0], state[5]
-        return (flag == _RUNNING) & (it < max_iter)
+        it, flag = state[0], state[7]
+        return (flag == _RUNNING) & (it < max_iter) & pre.convex
 
-    y, nu, lam, s = _initial_point(qp, pre, valid, init, warm)
-    state = (jnp.asarray(0, jnp.int32), y, nu, lam, s, *classify(y, nu, lam, s))
-    it, y, nu, lam, s, flag, residual = lax.while_loop(cond, body, state)
+    y, nu, lam, s = _initial_point(qp, pre, scaling, valid, init, warm)
+    one = jnp.ones((), dtype)
+    state = (jnp.asarray(0, jnp.int32), y, nu, lam, s, one, one)
+    state = (*state, *classify(y, nu, lam, s, one, one))
+    it, y, nu, lam, s, tau, _, flag, residual = lax.while_loop(cond, body, state)
+    y, nu, lam, s = (a / tau for a in (y, nu, lam, s))
     return _IPMOut(y, nu, jnp.where(valid, lam, 0), s, it, flag, residual)
 
 
 def _polish(qp: _QP, sc: _Scales, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max_rounds=4):
-    """Solve the equality KKT system on a guessed active set (ALGORITHMS.md §2.3).
+    """Solve the equality KKT system on a guessed active set (scaled problem).
 
     The first guess is ``I = {lam_i > s_i}`` at the interior point. A guess is accepted when
     the solution of the KKT system on ``I`` is finite, primal feasible (``h - G y >= -tol``,
@@ -672,8 +815,7 @@ def _polish(qp: _QP, sc: _Scales, pre: _Prepared, out: _IPMOut, valid, ridge, to
     factorisation of size ``p + k`` (``ridge`` on the multiplier diagonal, two refinements).
 
     Returns:
-      The polished point, whether a guess was accepted, its mask and the relative KKT
-      residual of the polished point.
+      The polished point (scaled), whether a guess was accepted, and its mask.
     """
     Q, c, A, b, G, h = qp
     dtype = Q.dtype
@@ -683,7 +825,7 @@ def _polish(qp: _QP, sc: _Scales, pre: _Prepared, out: _IPMOut, valid, ridge, to
         mm, e_ridge = _active_system(p, m, ridge, dtype)
         chol_s = _factor(pre, mm, e_ridge)
         rhs = (-c, jnp.concatenate([b, jnp.where(m, h, 0)]))
-        y, x2 = _kkt_solve(Q, pre, chol_s, mm, 1 - mm, rhs, steps=2, t=-pre.q_c)
+        y, x2 = _kkt_solve(pre, chol_s, mm, 1 - mm, rhs, 2 + pre.refine, -pre.q_c)
         nu, lam = x2[:p], jnp.where(m, x2[p:], 0)
         Gy = jnp.where(valid, _mm(G, y), 0)
         slack = jnp.where(valid, h - Gy, 0)
@@ -708,7 +850,7 @@ def _polish(qp: _QP, sc: _Scales, pre: _Prepared, out: _IPMOut, valid, ridge, to
     z = (jnp.zeros_like(out.y), jnp.zeros_like(out.nu), jnp.zeros_like(out.lam))
     state = (jnp.asarray(0, jnp.int32), z, m0, jnp.asarray(False), m0)
     _, z, m, ok, _ = lax.while_loop(cond, body, state)
-    return z, ok, m, _point_residual(qp, sc, *z, valid)
+    return z, ok, m
 
 
 # --------------------------------------------------------------------------------------------
@@ -719,70 +861,86 @@ class _Forward(NamedTuple):
     """Non-differentiable by-products of the forward solve."""
 
     info: Info
-    pre: _Prepared  # the factorisation of Q and W = C Q^-1 C', reused by every backward rule
+    pre: _Prepared  # the factorisation of the scaled Q and W, reused by every backward rule
+    scaling: _Scaling
 
 
 @jax.jit
 def _forward(theta, init, warm, polish, ridge, tol, max_iter):
-    """Interior point, polish and ``info``.
+    """Scaling, interior point, polish and ``info``.
 
     Jitted with every option traced, so that eager calls reuse one compilation per shape and
     dtype whatever the options, whatever is differentiated and whichever rule runs backward.
     """
     Q, c, A, b, G, h = theta
     valid = _valid(h)
-    qp = _QP(_sym(Q), c, A, b, G, _safe_h(h))
-    sc = _Scales(*_amaxes(qp.Q, c, A, b, G, jnp.where(valid, qp.h, 0)))
+    orig = _QP(_sym(Q), c, A, b, G, _safe_h(h))
+    sc = _Scales(*_amaxes(orig.Q, c, A, b, G, jnp.where(valid, orig.h, 0)))
+    scaling = _equilibrate(orig, valid)
+    qp = _scale(orig, scaling)
     pre = _prepare(qp, valid)
-    out = _ipm(qp, sc, pre, valid, tol, max_iter, init, warm)
-    z = (out.y, out.nu, out.lam)
+    out = _ipm(orig, sc, qp, scaling, pre, valid, tol, max_iter, init, warm)
+    z = _unscale(scaling, out.y, out.nu, out.lam)
     residual = out.residual
 
     def skip():
         shapes = jax.eval_shape(_polish, qp, sc, pre, out, valid, ridge, tol)
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
-    polish = polish & (out.flag != _PINF) & (out.flag != _DINF)
-    z_p, ok, _, residual_p = lax.cond(
-        polish, lambda: _polish(qp, sc, pre, out, valid, ridge, tol), skip
+    sc_scaled = _Scales(*_amaxes(qp.Q, qp.c, qp.A, qp.b, qp.G, jnp.where(valid, qp.h, 0)))
+    polish = polish & (out.flag != _PINF) & (out.flag != _DINF) & pre.convex
+    z_p, ok, _ = lax.cond(
+        polish, lambda: _polish(qp, sc_scaled, pre, out, valid, ridge, tol), skip
     )
+    z_p = _unscale(scaling, *z_p)
+    residual_p = _point_residual(orig, sc, *z_p, valid)
     ok = polish & ok & (residual_p <= jnp.maximum(residual, tol))
     z = tuple(jnp.where(ok, a, b) for a, b in zip(z_p, z, strict=True))
     residual = jnp.where(ok, residual_p, residual)
-    # Status: non-finite data or iterate > infeasible (certificate or h_i = -inf) > unbounded >
-    # converged (residual of the returned point) > max steps.
+    # Status: non-finite data or iterate > nonconvex > infeasible (certificate or h_i = -inf) >
+    # unbounded > converged (residual of the returned point) > max steps.
     finite = jnp.all(jnp.isfinite(jnp.stack(list(sc)))) & ~jnp.any(jnp.isnan(h))
-    finite = finite & jnp.isfinite(residual) & (out.flag != _NONFINITE)
+    finite = finite & ((out.flag != _NONFINITE) & jnp.isfinite(residual) | ~pre.convex)
     infeasible = (out.flag == _PINF) | jnp.any(h == -jnp.inf)
     converged = residual <= tol
     status = jnp.where(converged, Status.SUCCESS, Status.MAX_STEPS)
     status = jnp.where(out.flag == _DINF, Status.UNBOUNDED, status)
     status = jnp.where(infeasible, Status.INFEASIBLE, status)
+    status = jnp.where(pre.convex, status, Status.NONCONVEX)
     status = jnp.where(finite, status, Status.NONFINITE)
+    # Outputs that cannot be mistaken for a solution: NaN when the data are not finite or Q
+    # is not convex (no iterate exists).
+    bad = (status == Status.NONFINITE) | (status == Status.NONCONVEX)
+    z = tuple(jnp.where(bad, jnp.nan, a) for a in z)
     info = make_info(out.num_steps, residual, status == Status.SUCCESS, status)
-    return z, _Forward(info, pre)
+    return z, _Forward(info, pre, scaling)
 
 
-def _central_path_point(theta, z, mu, tol, max_iter, pre: _Prepared | None = None):
+def _central_path_point(theta, z, mu, tol, max_iter, pre=None, scaling=None):
     """Newton's method on the barrier KKT system ``lam * s = mu`` from the QP solution ``z``.
 
-    The start pushes ``s`` and ``lam`` to ``s * lam >= mu`` (active rows get ``s = mu/lam``,
-    inactive rows ``lam = mu/s``); steps keep ``s, lam > 0`` (fraction to the boundary 0.99).
-    ``pre`` is the forward pass's :func:`_prepare` of the same data (computed when absent).
+    Runs on the scaled problem (where the barrier reads ``lam^ s^ = sigma mu``). The start
+    pushes ``s`` and ``lam`` to ``s * lam >= mu`` (active rows get ``s = mu/lam``, inactive
+    rows ``lam = mu/s``); steps keep ``s, lam > 0`` (fraction to the boundary 0.99).
+    ``pre`` and ``scaling`` are the forward pass's (computed when absent). Returns the point
+    in original units.
     """
     Q, c, A, b, G, h = theta
     valid = _valid(h)
-    qp = _QP(_sym(Q), c, A, b, G, _safe_h(h))
+    orig = _QP(_sym(Q), c, A, b, G, _safe_h(h))
+    scaling = _equilibrate(orig, valid) if scaling is None else scaling
+    qp = _scale(orig, scaling)
     pre = _prepare(qp, valid) if pre is None else pre
-    sc = _Scales(*_amaxes(qp.Q, c, A, b, G, jnp.where(valid, qp.h, 0)))
+    sc = _Scales(*_amaxes(qp.Q, qp.c, qp.A, qp.b, qp.G, jnp.where(valid, qp.h, 0)))
     dtype = Q.dtype
     vf = valid.astype(dtype)
-    mu = jnp.asarray(mu, dtype)
-    y, nu, lam = z
+    mu = jnp.asarray(mu, dtype) * scaling.sigma
+    y, nu, lam = _scale_point(scaling, *z)
     root = jnp.sqrt(mu)
-    s = jnp.where(valid, qp.h - _mm(G, y), 1)
+    s = jnp.where(valid, qp.h - _mm(qp.G, y), 1)
     s = jnp.where(valid, jnp.maximum(s, mu / jnp.maximum(lam, root)), 1)
     lam = jnp.where(valid, jnp.maximum(lam, mu / jnp.maximum(s, root)), 0)
+    p = nu.shape[0]
 
     def residual(y, nu, lam, s):
         rd, rp, ri = _kkt_vectors(qp, y, nu, lam, s, valid)
@@ -794,10 +952,16 @@ def _central_path_point(theta, z, mu, tol, max_iter, pre: _Prepared | None = Non
     def body(state):
         it, y, nu, lam, s, _ = state
         rd, rp, ri = _kkt_vectors(qp, y, nu, lam, s, valid)
-        system = _newton_system(qp, pre, lam, s, valid)
+        m, e, chol_s = _newton_system(qp, pre, lam, s, valid)
         rc = vf * (s * lam - mu)
-        t_dual = _dual_step(pre, y, nu, lam, rd, valid)
-        dy, dnu, dlam, ds = _direction(qp, pre, system, t_dual, rd, rp, ri, rc, lam, valid)
+        # Newton step: eliminating ds = -(rc + s dlam) / lam leaves
+        # [Q A' G'; A 0 0; G 0 -S/Lam] [dy; dnu; dlam] = [-rd; -rp; -ri + rc/lam].
+        t = -_dual_step(pre, y, jnp.concatenate([nu, vf * lam]), 1, rd)
+        lam_safe = jnp.where(valid & (lam > 0), lam, 1)
+        r2 = jnp.concatenate([-rp, jnp.where(valid, -ri + rc / lam_safe, 0)])
+        dy, x2 = _kkt_solve(pre, chol_s, m, e, (-rd, r2), pre.refine, t)
+        dnu, dlam = x2[:p], jnp.where(valid, x2[p:], 0)
+        ds = jnp.where(valid, -ri - _mm(qp.G, dy), 0)
         t = jnp.minimum(_step_to_boundary(s, ds, valid), _step_to_boundary(lam, dlam, valid))
         t = jnp.minimum(1, 0.99 * t)
         y, nu, lam = y + t * dy, nu + t * dnu, lam + t * dlam
@@ -809,15 +973,17 @@ def _central_path_point(theta, z, mu, tol, max_iter, pre: _Prepared | None = Non
 
     state = (jnp.asarray(0, jnp.int32), y, nu, lam, s, residual(y, nu, lam, s))
     _, y, nu, lam, _, _ = lax.while_loop(cond, body, state)
-    return y, nu, jnp.where(valid, lam, 0)
+    return _unscale(scaling, y, nu, jnp.where(valid, lam, 0))
 
 
 # --------------------------------------------------------------------------------------------
-# Backward rules. Each is jitted on its own, so that eager calls reuse the compilation.
+# Backward rules. Each is jitted on its own, so that eager calls reuse the compilation. Every
+# system is solved through the forward pass's factorisation of the scaled problem
+# (:func:`_solve_original`).
 
 
 @jax.jit
-def _implicit_backward(zbar, z, theta, pre, ridge, tol):
+def _implicit_backward(zbar, z, theta, pre, scaling, ridge, tol):
     """The ``"implicit"`` rule: :func:`implicit_backward` on the masked active-set residual.
 
     The adjoint system is the masked KKT matrix with ``-ridge`` on the multiplier diagonal,
@@ -827,19 +993,19 @@ def _implicit_backward(zbar, z, theta, pre, ridge, tol):
     def adjoint_solve(vjp_z, zbar, z, theta, aux):
         del vjp_z, aux  # the matrix is built from the data
         y, nu, lam = z
-        Q, _, _, _, G, h = theta
+        _, _, _, _, G, h = theta
         p = nu.shape[0]
         m, e = _active_system(p, _active_mask(y, lam, G, h, tol), ridge, y.dtype)
         ybar, nubar, lambar = zbar
         r = (ybar, jnp.concatenate([nubar, lambar]))
-        w, mu = _kkt_solve(_sym(Q), pre, _factor(pre, m, e), m, e, r)
+        w, mu = _solve_original(pre, scaling, m, e, r)
         return w, mu[:p], mu[p:]
 
     return implicit_backward(_active_residual(tol), adjoint_solve)(zbar, z, theta, None)
 
 
 @jax.jit
-def _relaxed_backward(zbar, z, theta, pre, ridge, mu, tol, max_iter):
+def _relaxed_backward(zbar, z, theta, pre, scaling, ridge, mu, tol, max_iter):
     """The ``"relaxed"`` rule: :func:`implicit_backward` on the central-path residual.
 
     The central-path point ``z_mu`` for this ``mu`` is computed here, from the QP solution
@@ -848,12 +1014,12 @@ def _relaxed_backward(zbar, z, theta, pre, ridge, mu, tol, max_iter):
     but ``J = D K`` with ``D = diag(1, 1, -lam)`` and ``K`` the symmetric Newton matrix with
     ``e = s / lam``, so ``J' u = zbar`` is ``u = D^-1 K^-1 zbar``.
     """
-    z_mu = _central_path_point(theta, z, mu, tol, max_iter, pre)
+    z_mu = _central_path_point(theta, z, mu, tol, max_iter, pre, scaling)
 
     def adjoint_solve(vjp_z, zbar, z, theta, aux):
         del vjp_z, aux
         y, nu, lam = z
-        Q, _, _, _, G, h = theta
+        _, _, _, _, G, h = theta
         dtype = y.dtype
         p = nu.shape[0]
         valid = _valid(h)
@@ -864,14 +1030,14 @@ def _relaxed_backward(zbar, z, theta, pre, ridge, mu, tol, max_iter):
         e = jnp.concatenate([jnp.full((p,), ridge, dtype), jnp.where(valid, slack / lam_v, 1)])
         ybar, nubar, lambar = zbar
         r = (ybar, jnp.concatenate([nubar, lambar]))
-        w, x2 = _kkt_solve(_sym(Q), pre, _factor(pre, m, e), m, e, r)
+        w, x2 = _solve_original(pre, scaling, m, e, r)
         return w, x2[:p], -x2[p:] / lam_v
 
     return implicit_backward(_relaxed_residual(mu), adjoint_solve)(zbar, z_mu, theta, None)
 
 
 @jax.jit
-def _penalty_backward(zbar, z, theta, pre, alpha, ridge, tol):
+def _penalty_backward(zbar, z, theta, pre, scaling, alpha, ridge, tol):
     """Kornowski et al.'s first-order oracle as a VJP (ALGORITHMS.md §1.5, quadratic form).
 
     For the cotangent ``(v, rho_E, rho_I)`` (normalised to unit norm, the result rescaled) and
@@ -908,7 +1074,7 @@ def _penalty_backward(zbar, z, theta, pre, alpha, ridge, tol):
     p = A.shape[0]
     m, e = _active_system(p, mf > 0, a2, dtype)
     zero = jnp.zeros((p + G.shape[0],), dtype)
-    delta, _ = _kkt_solve(_sym(Q), pre, _factor(pre, m, e, 0.0), m, e, (rhs, zero))
+    delta, _ = _solve_original(pre, scaling, m, e, (rhs, zero), delta=0.0)
     y_hat = y + delta
     e_e = (_mm(A, delta) + a2 * rho_e) / a2**2
     e_i = mf * (_mm(G, delta) + a2 * rho_i) / a2**2
@@ -1210,19 +1376,23 @@ def _solve(theta, z0, options: _Options) -> QPSolution:
     if options.hypergrad == "implicit":
 
         def backward(zbar, z, th, aux):
-            return _implicit_backward(zbar, z, th, aux.pre, ridge, tol)
+            return _implicit_backward(zbar, z, th, aux.pre, aux.scaling, ridge, tol)
 
         z, aux = custom_solution(forward, backward, z0, theta)
     elif options.hypergrad == "relaxed":
 
         def backward(zbar, z, th, aux):
-            return _relaxed_backward(zbar, z, th, aux.pre, ridge, options.mu, tol, max_iter)
+            return _relaxed_backward(
+                zbar, z, th, aux.pre, aux.scaling, ridge, options.mu, tol, max_iter
+            )
 
         z, aux = custom_solution(forward, backward, z0, theta)
     else:
 
         def backward(zbar, z, th, aux):
-            return _penalty_backward(zbar, z, th, aux.pre, options.alpha, ridge, tol)
+            return _penalty_backward(
+                zbar, z, th, aux.pre, aux.scaling, options.alpha, ridge, tol
+            )
 
         z, aux = custom_solution(forward, backward, z0, theta)
 

@@ -33,6 +33,8 @@ class Status(enum.IntEnum):
       RANK_DEFICIENT: the equality constraints are linearly dependent but consistent; the
         primal solution is unique, the multipliers returned are the minimum-norm ones.
       DIVERGED: the iteration moved away from a solution (e.g. a growing duality gap).
+      NONCONVEX: the lower level is not convex where it must be (e.g. ``solve_qp`` with an
+        indefinite ``Q``): no solution is returned (NaN outputs).
     """
 
     SUCCESS = 0
@@ -42,6 +44,7 @@ class Status(enum.IntEnum):
     NONFINITE = 4
     RANK_DEFICIENT = 5
     DIVERGED = 6
+    NONCONVEX = 7
 
 
 class Info(NamedTuple):
