@@ -435,22 +435,29 @@ class _Scaling(NamedTuple):
 
 
 def _equilibrate(qp: _QP, valid, iters=10) -> _Scaling:
-    """Ruiz equilibration of ``[Q, C'; C, 0]`` (``iters`` sweeps) and OSQP's cost scaling."""
-    Q, c, A, _, G, _ = qp
-    C = jnp.concatenate([A, G * valid.astype(Q.dtype)[:, None]])
+    """Ruiz equilibration of ``[Q, C'; C, 0]`` (``iters`` sweeps) and OSQP's cost scaling.
 
-    def inv_sqrt(norm):  # OSQP's limits: tiny norms (empty rows, zero columns) are left alone
+    Each sweep divides every row and column of the scaled KKT matrix by the square root of its
+    max-norm; norms below ``1e-4`` (empty rows, zero columns) are left alone and norms above
+    ``1e4`` clipped, as OSQP does. ``Q`` is symmetric, so its column maxima are row maxima.
+    """
+    Q, c, A, _, G, _ = qp
+    aQ = jnp.abs(Q)
+    aC = jnp.abs(jnp.concatenate([A, G * valid.astype(Q.dtype)[:, None]]))
+
+    def inv_sqrt(norm):
         return 1 / jnp.sqrt(jnp.where(norm < 1e-4, 1, jnp.minimum(norm, 1e4)))
 
     def sweep(_, carry):
         D, E = carry
-        Qs, Cs = jnp.abs(Q * jnp.outer(D, D)), jnp.abs(C * jnp.outer(E, D))
-        col = jnp.maximum(jnp.max(Qs, axis=0), jnp.max(Cs, axis=0, initial=0))
-        return D * inv_sqrt(col), E * inv_sqrt(jnp.max(Cs, axis=1, initial=0))
+        col_q = jnp.max(aQ * D[None, :], axis=1) * D
+        col_c = jnp.max(aC * E[:, None], axis=0, initial=0) * D
+        row_c = jnp.max(aC * D[None, :], axis=1, initial=0) * E
+        return D * inv_sqrt(jnp.maximum(col_q, col_c)), E * inv_sqrt(row_c)
 
-    ones = (jnp.ones_like(c), jnp.ones((C.shape[0],), Q.dtype))
+    ones = (jnp.ones_like(c), jnp.ones((aC.shape[0],), Q.dtype))
     D, E = lax.fori_loop(0, iters, sweep, ones)
-    cost = jnp.maximum(jnp.mean(jnp.max(jnp.abs(Q * jnp.outer(D, D)), axis=0)), _amaxes(D * c)[0])
+    cost = jnp.maximum(jnp.mean(jnp.max(aQ * D[None, :], axis=1) * D), _amaxes(D * c)[0])
     sigma = 1 / jnp.where(cost < 1e-4, 1, jnp.minimum(cost, 1e4))
     return _Scaling(D, E, sigma)
 
@@ -803,7 +810,7 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
     return _IPMOut(y, nu, jnp.where(valid, lam, 0), s, it, flag, residual)
 
 
-def _polish(qp: _QP, sc: _Scales, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max_rounds=4):
+def _polish(qp: _QP, h_max, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max_rounds=4):
     """Solve the equality KKT system on a guessed active set (scaled problem).
 
     The first guess is ``I = {lam_i > s_i}`` at the interior point. A guess is accepted when
@@ -830,7 +837,7 @@ def _polish(qp: _QP, sc: _Scales, pre: _Prepared, out: _IPMOut, valid, ridge, to
         Gy = jnp.where(valid, _mm(G, y), 0)
         slack = jnp.where(valid, h - Gy, 0)
         Gy_, lam_ = _amaxes(Gy, lam)
-        tol_s = tol * (1 + jnp.maximum(sc.h, Gy_))
+        tol_s = tol * (1 + jnp.maximum(h_max, Gy_))
         tol_l = tol * (1 + lam_)
         finite = jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(x2))
         ok = finite & jnp.all(slack >= -tol_s) & jnp.all(lam >= -tol_l)
@@ -884,14 +891,12 @@ def _forward(theta, init, warm, polish, ridge, tol, max_iter):
     residual = out.residual
 
     def skip():
-        shapes = jax.eval_shape(_polish, qp, sc, pre, out, valid, ridge, tol)
+        shapes = jax.eval_shape(_polish, qp, h_max, pre, out, valid, ridge, tol)
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
-    sc_scaled = _Scales(*_amaxes(qp.Q, qp.c, qp.A, qp.b, qp.G, jnp.where(valid, qp.h, 0)))
+    h_max = _amaxes(jnp.where(valid, qp.h, 0))[0]
     polish = polish & (out.flag != _PINF) & (out.flag != _DINF) & pre.convex
-    z_p, ok, _ = lax.cond(
-        polish, lambda: _polish(qp, sc_scaled, pre, out, valid, ridge, tol), skip
-    )
+    z_p, ok, _ = lax.cond(polish, lambda: _polish(qp, h_max, pre, out, valid, ridge, tol), skip)
     z_p = _unscale(scaling, *z_p)
     residual_p = _point_residual(orig, sc, *z_p, valid)
     ok = polish & ok & (residual_p <= jnp.maximum(residual, tol))
