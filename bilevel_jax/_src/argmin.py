@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from bilevel_jax._src import kkt
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.constrained import Inequalities, interior_point, masked_residual
 from bilevel_jax._src.implicit import custom_solution, implicit_solution
@@ -50,9 +51,7 @@ NEWTON_MAX_SIZE = 500
 _REDUCED_METHODS = ("auto", "cholesky", "cg", "neumann")
 
 
-def default_tol(dtype) -> float:
-    """Default relative tolerance on the KKT residual: 1e-10 in float64, 1e-5 in float32."""
-    return 1e-10 if jnp.finfo(dtype).bits >= 64 else 1e-5
+default_tol = kkt.default_tol
 
 
 # --------------------------------------------------------------------------------------------
@@ -796,7 +795,6 @@ def _polish(problem, fun, y, lam, ineq, params, tol, max_rounds=4):
     """
     n, k = y.shape[0], lam.shape[0]
     eye = jnp.eye(n, dtype=y.dtype)
-    tol_s = jnp.sqrt(tol) * (1 + jnp.max(jnp.abs(ineq.h), initial=0.0))
 
     def attempt(m):
         affine = problem.affine(params, extra=(m[:, None] * ineq.G, m * ineq.h))
@@ -810,9 +808,9 @@ def _polish(problem, fun, y, lam, ineq, params, tol, max_rounds=4):
         mult = affine.multipliers(jax.grad(fun)(y_pol))
         lam_pol = m * mult[mult.shape[0] - k:]
         slack = ineq.slack(y_pol)
-        ok = jnp.all(slack >= -tol_s) & jnp.all(lam_pol >= 0) & jnp.all(jnp.isfinite(y_pol))
-        update = ineq.finite & jnp.where(m > 0, lam_pol >= 0, slack < -tol_s)
-        return y_pol, lam_pol, ok, update.astype(m.dtype)
+        ok, update = kkt.polish_verdict(slack, lam_pol, m > 0, ineq.finite, tol, ineq.scale(y_pol))
+        ok = ok & jnp.all(jnp.isfinite(y_pol))
+        return y_pol, jnp.maximum(lam_pol, 0), ok, update.astype(m.dtype)
 
     def body(state):
         it, _, _, _, m = state

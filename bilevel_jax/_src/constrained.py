@@ -5,13 +5,11 @@ strongly convex; ``A, b, G, h`` may depend on ``theta`` (coupled constraints). A
 ``h`` equal to ``+inf`` means "no constraint": the row is masked out of the iteration and of
 the backward system, and receives a zero cotangent.
 
-Active set (ALGORITHMS.md §1.3, §2.4). At the solution, row ``i`` is *active* when its
-multiplier dominates its slack, ``lam_i > 10 * max(h_i - G_i y, 0)`` (and ``lam_i > 0``). An
-interior-point solution has ``lam_i * s_i ~ mu`` on every row, so strictly active rows have a
-ratio ``lam/s ~ lam^2/mu >> 10`` and inactive rows ``~ mu/s^2 << 1``; *weakly active* rows
-(``lam_i = 0`` on the boundary) have ``lam ~ s`` and are treated as inactive. The returned
-derivative is then the one-sided derivative along directions that make such a row inactive
-(an element of the Clarke generalised Jacobian). With the mask ``m`` the residual is
+Active set: the one rule of :mod:`bilevel_jax._src.kkt` (tight to ``sqrt(tol)`` and a
+multiplier above ``sqrt(tol)``, relative; weakly active rows are classed inactive, which gives
+the one-sided derivative along directions that make such a row inactive, an element of the
+Clarke generalised Jacobian), at the dtype's default tolerance. With the mask ``m`` the
+residual is
 
     r(y, nu, lam) = [ grad g + A^T nu + G^T (m lam) ;  A y - b ;  m (G y - h) - (1 - m) lam ]
 
@@ -28,11 +26,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from bilevel_jax._src import kkt
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.types import Array
-
-#: A row is active when its multiplier exceeds this multiple of its slack.
-ACTIVE_RATIO = 10.0
 
 
 class Inequalities(NamedTuple):
@@ -52,11 +48,16 @@ class Inequalities(NamedTuple):
         """``h - G y`` (zero on masked rows)."""
         return self.h - self.G @ y
 
+    def scale(self, y):
+        """Magnitude of the constraint values, ``max(|h|, |G y|)`` (no gradient)."""
+        Gy = jax.lax.stop_gradient(self.G @ y)
+        return jax.lax.stop_gradient(jnp.max(jnp.abs(jnp.concatenate([self.h, Gy])), initial=0.0))
+
     def active(self, y, lam):
-        """The active mask (a float array of 0/1), treated as a constant."""
-        slack = self.slack(y)
-        mask = self.finite & (lam > ACTIVE_RATIO * jnp.maximum(slack, 0)) & (lam > 0)
-        return jax.lax.stop_gradient(mask.astype(y.dtype))
+        """The active mask (a float array of 0/1, no gradient): :func:`kkt.active_mask`."""
+        tol = kkt.default_tol(y.dtype)
+        mask = kkt.active_mask(self.slack(y), lam, self.finite, tol, self.scale(y))
+        return mask.astype(y.dtype)
 
 
 def masked_residual(grad, y, nu, lam, A, b, ineq: Inequalities):

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bilevel_jax._src import kkt
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.implicit import custom_solution, implicit_backward
 from bilevel_jax._src.types import Array, ArrayLike, Info, Status, check_info, make_info
@@ -98,7 +99,7 @@ def default_options(dtype) -> dict:
     """
     wide = jnp.finfo(dtype).bits >= 64
     return {
-        "tol": 1e-10 if wide else 1e-5,
+        "tol": kkt.default_tol(dtype),
         "ridge": 1e-12 if wide else 1e-6,
         "alpha": 1e-3 if wide else 2e-2,
         "mu": 1e-3,
@@ -339,19 +340,12 @@ def _point_residual(qp: _QP, sc: _Scales, y, nu, lam, valid):
 
 
 def _active_mask(y, lam, G, h, tol):
-    """Active rows: slack within ``tol_h`` and multiplier above ``tol_lam`` (§1.3, §2.4).
-
-    ``tol_h = sqrt(tol) (1 + max(|h|, |G y|))`` and ``tol_lam = sqrt(tol) (1 + max|lam|)``, so
-    weakly active rows (zero multiplier) are *dropped*: the derivative returned at such a
-    point is the one-sided derivative along perturbations that make those rows inactive.
-    """
-    y, lam, G, h = (lax.stop_gradient(a) for a in (y, lam, G, h))
+    """The active rows of a QP solution: :func:`bilevel_jax._src.kkt.active_mask`."""
+    y, G = lax.stop_gradient(y), lax.stop_gradient(G)
     valid = _valid(h)
     Gy = jnp.where(valid, _mm(G, y), 0)
-    hs = _safe_h(h)
-    h_, Gy_, lam_ = _amaxes(hs, Gy, lam)
-    root = jnp.sqrt(jnp.asarray(tol, y.dtype))
-    return valid & (hs - Gy <= root * (1 + jnp.maximum(h_, Gy_))) & (lam > root * (1 + lam_))
+    hs = lax.stop_gradient(_safe_h(h))
+    return kkt.active_mask(hs - Gy, lam, valid, tol, jnp.maximum(*_amaxes(hs, Gy)))
 
 
 def _active_residual(tol):
@@ -835,14 +829,10 @@ def _polish(qp: _QP, h_max, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max
         y, x2 = _kkt_solve(pre, chol_s, mm, 1 - mm, rhs, 2 + pre.refine, -pre.q_c)
         nu, lam = x2[:p], jnp.where(m, x2[p:], 0)
         Gy = jnp.where(valid, _mm(G, y), 0)
-        slack = jnp.where(valid, h - Gy, 0)
-        Gy_, lam_ = _amaxes(Gy, lam)
-        tol_s = tol * (1 + jnp.maximum(h_max, Gy_))
-        tol_l = tol * (1 + lam_)
+        s_scale = jnp.maximum(h_max, _amaxes(Gy)[0])
+        ok, update = kkt.polish_verdict(h - Gy, lam, m, valid, tol, s_scale)
         finite = jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(x2))
-        ok = finite & jnp.all(slack >= -tol_s) & jnp.all(lam >= -tol_l)
-        update = valid & jnp.where(m, lam >= -tol_l, slack < -tol_s)
-        return (y, nu, jnp.maximum(lam, 0)), ok, update
+        return (y, nu, jnp.maximum(lam, 0)), ok & finite, update
 
     def cond(state):
         it, _, _, ok, _ = state

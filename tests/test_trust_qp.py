@@ -1,0 +1,103 @@
+"""Regression tests of the trust issue for ``solve_qp`` and the shared active-set rule.
+
+Each test is named after the defect it pins down (``test_defect<N>_...``).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bilevel_jax as bj
+
+SUCCESS = bj.Status.SUCCESS
+
+
+def _status(sol):
+    return bj.Status(int(sol.info.status))
+
+
+def test_defect1_argmin_and_solve_qp_agree_on_a_weakly_violated_row():
+    # min 1/2 |y|^2 - (1 + 1.2e-5, 1)'y  s.t.  y_0 <= 1: active with lam = 1.2e-5.
+    Q, c = jnp.eye(2), -jnp.array([1 + 1.2e-5, 1.0])
+    G = jnp.array([[1.0, 0.0]])
+
+    def via_qp(h):
+        return bj.solve_qp(Q, c, G=G, h=h)
+
+    def via_argmin(h):
+        return bj.argmin(lambda y, t: 0.5 * y @ y + c @ y, jnp.zeros(2), h, ineq=lambda t: (G, t))
+
+    h = jnp.array([1.0])
+    for solve in (via_qp, via_argmin):
+        sol = solve(h)
+        assert _status(sol) == SUCCESS
+        np.testing.assert_allclose(sol.y, [1.0, 1.0], atol=1e-12)
+        np.testing.assert_allclose(sol.lam, [1.2e-5], rtol=1e-8)
+        grad = jax.grad(lambda h: solve(h).y[0])(h)
+        np.testing.assert_allclose(grad, [1.0], atol=1e-8)
+
+
+def test_defect7_indefinite_q_is_nonconvex_with_nan_outputs():
+    Q = jnp.array([[1.0, 0.0], [0.0, -7e-5]])  # a finite-difference perturbation's size
+    G = jnp.concatenate([jnp.eye(2), -jnp.eye(2)])
+    sol = bj.solve_qp(Q, jnp.ones(2), G=G, h=jnp.ones(4))
+    assert _status(sol) == bj.Status.NONCONVEX
+    assert np.all(np.isnan(sol.y))
+
+
+def test_defect9_singular_psd_q_with_a_unique_solution():
+    Q = jnp.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 2.0]])  # rank 2
+    c, A, b = jnp.array([1.0, -1.0, 0.5]), jnp.array([[1.0, 2.0, 0.0]]), jnp.array([1.0])
+    sol = bj.solve_qp(Q, c, A, b)
+    assert _status(sol) == SUCCESS
+    np.testing.assert_allclose(sol.y, [-8 / 9, 17 / 18, -5 / 18], atol=1e-10)
+
+
+def test_defect9_lp_vertex_solution():
+    # min 2y0 - 2.6y1 + 0.4y2  s.t.  y >= -1, sum(y) <= 1: the vertex (-1, 3, -1).
+    G = jnp.concatenate([-jnp.eye(3), jnp.ones((1, 3))])
+    h = jnp.array([1.0, 1.0, 1.0, 1.0])
+    c = jnp.array([2.0, -2.6, 0.4])
+    sol = bj.solve_qp(jnp.zeros((3, 3)), c, G=G, h=h)
+    assert _status(sol) == SUCCESS
+    np.testing.assert_allclose(sol.y, [-1.0, 3.0, -1.0], atol=1e-10)
+    # d(c'y*)/dc = y* (an LP's value is piecewise linear in c).
+    grad = jax.grad(lambda c: c @ bj.solve_qp(jnp.zeros((3, 3)), c, G=G, h=h).y)(c)
+    np.testing.assert_allclose(grad, [-1.0, 3.0, -1.0], atol=1e-8)
+
+
+@pytest.mark.parametrize("q", [0.0, 1.0])
+def test_defect9_infeasible_lp_and_qp_are_infeasible(q):
+    # y >= 1 and y <= -1.
+    G, h = jnp.array([[-1.0], [1.0]]), jnp.array([-1.0, -1.0])
+    sol = bj.solve_qp(jnp.full((1, 1), q), jnp.ones(1), G=G, h=h)
+    assert _status(sol) == bj.Status.INFEASIBLE
+
+
+def test_defect9_unbounded_lp_is_unbounded():
+    # min -y0 s.t. y1 <= 1: y0 is free and unbounded.
+    sol = bj.solve_qp(jnp.zeros((2, 2)), jnp.array([-1.0, 0.0]), G=jnp.array([[0.0, 1.0]]),
+                      h=jnp.array([1.0]))
+    assert _status(sol) == bj.Status.UNBOUNDED
+
+
+def test_defect9_badly_scaled_strictly_convex_qp():
+    rng = np.random.default_rng(0)
+    n, k = 8, 6
+    M = rng.standard_normal((n, n))
+    row = 10.0 ** rng.uniform(-4, 4, k)
+    col = 10.0 ** rng.uniform(-2, 2, n)
+    Q = (M @ M.T + n * np.eye(n)) * np.outer(col, col)
+    G = rng.standard_normal((k, n)) * row[:, None]
+    y_feas = rng.standard_normal(n)
+    h = G @ y_feas + row * rng.uniform(0, 1, k)
+    c = rng.standard_normal(n) * col
+    sol = bj.solve_qp(Q, c, G=G, h=h)
+    assert _status(sol) == SUCCESS
+    # KKT, relative, in NumPy.
+    y, lam = np.asarray(sol.y), np.asarray(sol.lam)
+    stat = Q @ y + c + G.T @ lam
+    assert np.max(np.abs(stat)) <= 1e-8 * (1 + np.max(np.abs(Q @ y)) + np.max(np.abs(c)))
+    assert np.all(G @ y - h <= 1e-8 * (1 + np.max(np.abs(h))))
+    assert np.all(lam >= 0)
