@@ -19,3 +19,13 @@ def maybe_jit(request):
     if request.param == "jit":
         return jax.jit
     return lambda fn: fn
+
+# Property tests (tests/test_properties.py): deterministic examples, no deadline (the first
+# example compiles), a fixed modest number of examples, no shrinking of failing seeds.
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+settings.register_profile(
+    "bilevel_ci", derandomize=True, deadline=None, max_examples=3, database=None,
+    phases=(Phase.explicit, Phase.generate), suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("bilevel_ci")
