@@ -114,7 +114,9 @@ def main(argv=None):
     parser.add_argument("--families", default="all",
                         help="comma-separated labels (default: all): "
                              + ", ".join(c[0] for c in CASES))
-    parser.add_argument("--out", default=None, help="also write the table here")
+    parser.add_argument("--out", default=None,
+                        help="also write the table here (it always goes to bench/results/"
+                             "fuzz.txt, or fuzz_float32.txt)")
     args = parser.parse_args(argv)
     labels = [c[0] for c in CASES] if args.families == "all" else args.families.split(",")
     unknown = set(labels) - {c[0] for c in CASES}
@@ -155,7 +157,8 @@ def main(argv=None):
     print(f"total time {total['seconds']:.0f} s")
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(exist_ok=True)
-    (results / "fuzz.txt").write_text(text)
+    name = "fuzz.txt" if args.dtype == "float64" else f"fuzz_{args.dtype}.txt"
+    (results / name).write_text(text)
     if args.out:
         Path(args.out).write_text(text)
 
