@@ -114,6 +114,8 @@ def main(argv=None):
     parser.add_argument("--families", default="all",
                         help="comma-separated labels (default: all): "
                              + ", ".join(c[0] for c in CASES))
+    parser.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"),
+                        help="where fuzz.txt (float64) / fuzz_float32.txt go")
     parser.add_argument("--out", default=None,
                         help="also write the table here (it always goes to bench/results/"
                              "fuzz.txt, or fuzz_float32.txt)")
@@ -155,12 +157,13 @@ def main(argv=None):
     print()
     print("\n".join(lines[-len(examples) - 1:]))
     print(f"total time {total['seconds']:.0f} s")
-    results = Path(__file__).resolve().parent / "results"
-    results.mkdir(exist_ok=True)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
     name = "fuzz.txt" if args.dtype == "float64" else f"fuzz_{args.dtype}.txt"
     (results / name).write_text(text)
     if args.out:
         Path(args.out).write_text(text)
+    return rows
 
 
 if __name__ == "__main__":

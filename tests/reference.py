@@ -240,8 +240,7 @@ def _relative_margins(Q, c, A, b, Gf, hf, y, nu, lf):
 
 
 def _nan_reference(n, p, k, status):
-    nan = np.full
-    return Reference(nan(n, np.nan), nan(p, np.nan), nan(k, np.nan), status,
+    return Reference(np.full(n, np.nan), np.full(p, np.nan), np.full(k, np.nan), status,
                      np.zeros(k, bool), 0.0, False, False, np.inf, np.inf)
 
 
@@ -296,17 +295,17 @@ def solve(Q, c, A=None, b=None, G=None, h=None) -> Reference:
     act = lf > np.maximum(hf - Gf @ y, 0.0)
     s_rel, lam_rel = _relative_margins(Q, c, A, b, Gf, hf, y, nu, lf)
     margin = float(np.min(np.maximum(s_rel, lam_rel))) if lf.size else 1.0
+    # LICQ: [A; G_I] (rows scaled to unit max) has full row rank. Uniqueness: Q is definite
+    # on its null space Z (columns scaled by diag(Q)^-1/2 first).
     C = np.vstack([A, Gf[act]])
     licq, unique = True, True
+    Z = np.eye(n)
     if C.shape[0]:
         Ce = C / np.maximum(np.max(np.abs(C), axis=1, keepdims=True), np.finfo(float).tiny)
-        svc = np.linalg.svd(Ce, compute_uv=False)
-        licq = C.shape[0] <= n and bool(svc[-1] > 1e-10 * max(svc[0], 1e-300))
         _, svn, Vt = np.linalg.svd(Ce)
         rank = int(np.sum(svn > 1e-10 * max(svn[0], 1e-300)))
+        licq = rank == C.shape[0]
         Z = Vt[rank:].T
-    else:
-        Z = np.eye(n)
     if Z.shape[1]:
         dz = 1.0 / np.sqrt(np.maximum(np.abs(np.diag(Q)), 1e-300))
         Qs = Q * dz[:, None] * dz[None, :]

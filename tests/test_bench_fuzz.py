@@ -1,0 +1,23 @@
+"""Smoke test of bench/fuzz.py: a few problems of two families, the table written."""
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
+fuzz = pytest.importorskip("fuzz")
+
+
+def test_fuzz_runs_and_writes_its_table(tmp_path):
+    rows = fuzz.main(["--total", "8", "--families", "strict,unbounded",
+                      "--results-dir", str(tmp_path), "--out", str(tmp_path / "t.txt")])
+    assert [r["label"] for r in rows] == ["strict", "unbounded"]
+    strict, unbounded = rows
+    assert strict["count"] == unbounded["count"] == 4
+    # Well-posed strictly convex QPs are solved exactly; unbounded ones are never SUCCESS.
+    assert strict["statuses"]["SUCCESS"] == 4 and strict["counts"]["wrong"] == 0
+    assert unbounded["statuses"]["SUCCESS"] == 0 and unbounded["counts"]["wrong"] == 0
+    table = (tmp_path / "fuzz.txt").read_text()
+    assert table == (tmp_path / "t.txt").read_text()
+    assert "strict" in table and "TOTAL" in table
