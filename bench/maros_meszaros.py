@@ -7,7 +7,8 @@ Each problem of the collection (MATLAB files in the OSQP benchmark format)
 is converted to the dense form of ``bj.solve_qp``: rows with ``l == u`` become equalities
 ``A_eq y = b``, every finite one-sided bound of the other rows becomes one row of ``G y <= h``
 (``a'x <= u`` as ``a``, ``l <= a'x`` as ``-a``); rows with no finite bound are dropped, and
-entries with ``|l|, |u| >= 1e20`` (the collection's infinity) count as absent.
+entries with ``|l|, |u| >= 1e19`` (the collection stores its infinity as about 1e20) count
+as absent.
 
 For every problem it runs
 
@@ -75,7 +76,7 @@ jax.config.update("jax_enable_x64", True)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "maros_meszaros"
-INFINITY = 1e20  # the collection's "no bound"
+INFINITY = 1e19  # bounds this large are absent (the files store about +-1e20)
 
 
 # --------------------------------------------------------------------------- data
