@@ -26,9 +26,12 @@ solver), and a verdict:
 * ``WRONG``: status SUCCESS but the objective or the KKT residuals are off (a silent wrong
   answer).
 
-With ``--grad`` (default on) every SUCCESS also gets ``jax.grad`` of its optimal value with
-respect to ``c``, which must be finite and equal to ``y`` (the envelope theorem): a mismatch
-is flagged ``grad off`` beside the verdict and counted apart (a wrong hypergradient).
+With ``--grad`` (default on) every SUCCESS also gets two derivative checks: ``jax.grad`` of
+its optimal value with respect to ``c``, which must equal ``y`` (column ``grad``: the envelope
+theorem), and the cotangent of ``c`` for a random cotangent of ``y`` against the exact one from
+the KKT system on Clarabel's active set, solved in NumPy (column ``hg err``). A mismatch above
+``--grad-tol`` is flagged ``grad off`` beside the verdict and counted apart (a wrong
+hypergradient).
 
 KKT residuals, with ``s = h - G y`` and ``||.||`` the max-norm:
 
@@ -212,7 +215,11 @@ def clarabel_solve(prob: dict, repeats: int) -> dict:
 
 
 def make_solver(tol: float | None, max_iter: int | None):
-    """The jitted ``bj.solve_qp`` (options are static) and the jitted gradient of its value."""
+    """The jitted ``bj.solve_qp`` (options are static), and two jitted derivatives.
+
+    ``grad(c, Q, A, b, G, h)``: the gradient of the optimal value with respect to ``c``;
+    ``vjp(ybar, Q, c, A, b, G, h)``: the cotangent of ``c`` for a cotangent ``ybar`` of ``y``.
+    """
 
     def solve(Q, c, A, b, G, h):
         return bj.solve_qp(Q, c, A, b, G, h, tol=tol, max_iter=max_iter)
@@ -221,11 +228,34 @@ def make_solver(tol: float | None, max_iter: int | None):
         sol = solve(Q, c, A, b, G, h)
         return 0.5 * sol.y @ Q @ sol.y + c @ sol.y
 
-    return jax.jit(solve), jax.jit(jax.grad(value))
+    def vjp(ybar, Q, c, A, b, G, h):
+        return jax.vjp(lambda c_: solve(Q, c_, A, b, G, h).y, c)[1](ybar)[0]
+
+    return jax.jit(solve), (jax.jit(jax.grad(value)), jax.jit(vjp))
 
 
-def bj_solve(prob: dict, solve, grad, repeats: int, with_grad: bool) -> dict:
-    """Compile (timed apart), then the median of ``repeats`` solves; optionally ``d value/dc``."""
+def reference_vjp_c(prob: dict, ref: dict, ybar: np.ndarray) -> np.ndarray:
+    """Exact ``c``-cotangent in NumPy: the KKT system on Clarabel's active set.
+
+    Active rows: ``lam_i > s_i`` at Clarabel's solution. With ``C = [A; G_active]``,
+    ``[Q, C'; C, 0] [w; mu] = [ybar; 0]`` (least squares, so that dependent active rows are
+    allowed) and ``cbar = -w``.
+    """
+    G, h = prob["G"], prob["h"]
+    active = np.flatnonzero(ref["lam"] > h - G @ ref["y"])
+    C = np.vstack([prob["A"], G[active]])
+    n, m = prob["Q"].shape[0], C.shape[0]
+    K = np.block([[prob["Q"], C.T], [C, np.zeros((m, m))]])
+    rhs = np.concatenate([ybar, np.zeros(m)])
+    return -np.linalg.lstsq(K, rhs, rcond=None)[0][:n]
+
+
+def bj_solve(prob: dict, solve, grads, ref: dict, repeats: int, with_grad: bool) -> dict:
+    """Compile (timed apart), then the median of ``repeats`` solves; optionally derivatives.
+
+    ``grad_err``: ``max |d value/dc - y| / (1 + max |y|)``; ``hg_err``: the relative error of
+    the ``c``-cotangent for a random cotangent of ``y`` against :func:`reference_vjp_c`.
+    """
     args = tuple(jnp.asarray(prob[key]) for key in ("Q", "c", "A", "b", "G", "h"))
     t0 = time.perf_counter()
     compiled = solve.lower(*args).compile()
@@ -245,9 +275,11 @@ def bj_solve(prob: dict, solve, grad, repeats: int, with_grad: bool) -> dict:
         "nu": np.asarray(sol.nu),
         "lam": np.asarray(sol.lam),
         "grad_err": None,
+        "hg_err": None,
     }
     if with_grad and out["status"] == "SUCCESS":
         Q, c, A, b, G, h = args
+        grad, vjp = grads
         g = np.asarray(grad(c, Q, A, b, G, h))
         y = out["y"]
         out["grad_err"] = (
@@ -255,6 +287,11 @@ def bj_solve(prob: dict, solve, grad, repeats: int, with_grad: bool) -> dict:
             if not np.all(np.isfinite(g))
             else float(np.max(np.abs(g - y)) / (1 + np.max(np.abs(y))))
         )
+        if ref["ok"]:
+            ybar = np.random.default_rng(0).standard_normal(y.shape[0])
+            got = np.asarray(vjp(jnp.asarray(ybar), Q, c, A, b, G, h))
+            exact = reference_vjp_c(prob, ref, ybar)
+            out["hg_err"] = float(np.max(np.abs(got - exact)) / np.max(np.abs(exact)))
     return out
 
 
@@ -273,7 +310,7 @@ def verdict(res: dict, ref: dict, obj_tol: float, kkt_tol: float) -> str:
 HEADER = (
     f"{'problem':<10} {'n':>4} {'p':>4} {'k':>5} | {'status':<14} {'it':>3} {'compile':>7} "
     f"{'solve':>9} | {'clarabel':<12} {'it':>3} {'time':>9} {'ratio':>7} | {'obj err':>8} "
-    f"{'primal':>8} {'dual':>8} {'comp':>8} {'grad':>8} | verdict"
+    f"{'primal':>8} {'dual':>8} {'comp':>8} {'grad':>8} {'hg err':>8} | verdict"
 )
 
 
@@ -294,7 +331,7 @@ def row(name, prob, res, ref, verd) -> str:
         f"{res['compile']:6.1f}s {fmt_time(res['time']):>9} | {ref['status'][:12]:<12} "
         f"{ref['iters']:>3} {fmt_time(ref['time']):>9} {res['time'] / ref['time']:7.1f} | "
         f"{fmt_err(res['obj_err'])} {fmt_err(res['primal'])} {fmt_err(res['dual'])} "
-        f"{fmt_err(res['comp'])} {fmt_err(res['grad_err'])} | {verd}"
+        f"{fmt_err(res['comp'])} {fmt_err(res['grad_err'])} {fmt_err(res['hg_err'])} | {verd}"
     )
 
 
@@ -331,7 +368,7 @@ def main(argv=None) -> int:
         if missing:
             parser.error(f"not found in {args.data}: {sorted(missing)}")
 
-    solve, grad = make_solver(args.tol, args.max_iter)
+    solve, grads = make_solver(args.tol, args.max_iter)
     lines = [
         f"Maros-Meszaros QPs through bj.solve_qp (float64, jit; tol={args.tol or 'default'}, "
         f"max_iter={args.max_iter or 'default'}) beside Clarabel (tol 1e-10)",
@@ -357,7 +394,7 @@ def main(argv=None) -> int:
         try:
             ref = clarabel_solve(prob, args.repeats)
             clarabel_ok += ref["ok"]
-            res = bj_solve(prob, solve, grad, args.repeats, args.grad)
+            res = bj_solve(prob, solve, grads, ref, args.repeats, args.grad)
             res["obj"] = objective(prob, res["y"])
             res["obj_err"] = (
                 abs(res["obj"] - ref["obj"]) / (1 + abs(ref["obj"])) if ref["ok"] else None
@@ -369,7 +406,8 @@ def main(argv=None) -> int:
                 res["obj_err"] = float("nan") if ref["ok"] else None
             verd = verdict(res, ref, args.obj_tol, args.kkt_tol)
             counts[verd] += 1
-            grad_off = res["grad_err"] is not None and not res["grad_err"] <= args.grad_tol
+            errs = [e for e in (res["grad_err"], res["hg_err"]) if e is not None]
+            grad_off = bool(errs) and not max(errs) <= args.grad_tol
             if grad_off:
                 counts["grad off"] += 1
                 verd += ", grad off"
@@ -377,7 +415,8 @@ def main(argv=None) -> int:
             if verd != "solved":
                 failures.append(f"{name}: {verd} status={res['status']} iters={res['iters']} "
                                 f"info.residual={res['residual']:.1e} ({describe(prob)})"
-                                + (f" |df/dc - y| rel {res['grad_err']:.1e}" if grad_off else ""))
+                                + (f"; grad {res['grad_err']:.1e}, hg err {res['hg_err']:.1e}"
+                                   if grad_off else ""))
         except Exception as err:  # noqa: BLE001 - a crash is a result, keep going
             counts["CRASH"] += 1
             line = f"{name:<10} CRASH {type(err).__name__}: {str(err)[:120]}"
@@ -397,11 +436,11 @@ def main(argv=None) -> int:
     ]
     if args.grad:
         summary.append(
-            f"d(optimal value)/dc == y (rel. {args.grad_tol:g}) fails on {counts['grad off']} "
-            "SUCCESS problem(s)"
+            f"derivatives (d value/dc == y; random c-cotangent vs exact KKT) off by more than "
+            f"{args.grad_tol:g} on {counts['grad off']} SUCCESS problem(s)"
         )
     if failures:
-        summary += ["not solved:"] + [f"  {f}" for f in failures]
+        summary += ["not solved, or derivatives off:"] + [f"  {f}" for f in failures]
     print("\n".join(summary), flush=True)
     lines += summary
     args.out.parent.mkdir(parents=True, exist_ok=True)
