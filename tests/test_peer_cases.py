@@ -272,6 +272,7 @@ _solve_batch = jax.jit(lambda *d: jax.lax.map(lambda args: bj.solve_qp(*args), d
 
 
 @listed
+@pytest.mark.slow
 @pytest.mark.parametrize("ny", cases("test_qpax_random_float64", [3, 0]))
 def test_qpax_random_float64(ny):
     """qpax's double-precision test: 1,000 random QPs (15 variables, 10 inequalities)."""
