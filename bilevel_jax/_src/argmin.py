@@ -808,7 +808,8 @@ def _polish(problem, fun, y, lam, ineq, params, tol, max_rounds=4):
         mult = affine.multipliers(jax.grad(fun)(y_pol))
         lam_pol = m * mult[mult.shape[0] - k:]
         slack = ineq.slack(y_pol)
-        ok, update = kkt.polish_verdict(slack, lam_pol, m > 0, ineq.finite, tol, ineq.scale(y_pol))
+        bounds = ineq.bounds(y_pol)
+        ok, update = kkt.polish_verdict(slack, lam_pol, m > 0, ineq.finite, tol, *bounds)
         ok = ok & jnp.all(jnp.isfinite(y_pol))
         return y_pol, jnp.maximum(lam_pol, 0), ok, update.astype(m.dtype)
 

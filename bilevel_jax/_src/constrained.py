@@ -48,15 +48,16 @@ class Inequalities(NamedTuple):
         """``h - G y`` (zero on masked rows)."""
         return self.h - self.G @ y
 
-    def scale(self, y):
-        """Magnitude of the constraint values, ``max(|h|, |G y|)`` (no gradient)."""
+    def bounds(self, y):
+        """``max(|h_i|, |G_i y|)`` and ``max_j |G_ij|`` per row (no gradient)."""
         Gy = jax.lax.stop_gradient(self.G @ y)
-        return jax.lax.stop_gradient(jnp.max(jnp.abs(jnp.concatenate([self.h, Gy])), initial=0.0))
+        bound = jnp.maximum(jnp.abs(self.h), jnp.abs(Gy))
+        return bound, jax.lax.stop_gradient(jnp.max(jnp.abs(self.G), axis=1, initial=0.0))
 
     def active(self, y, lam):
         """The active mask (a float array of 0/1, no gradient): :func:`kkt.active_mask`."""
         tol = kkt.default_tol(y.dtype)
-        mask = kkt.active_mask(self.slack(y), lam, self.finite, tol, self.scale(y))
+        mask = kkt.active_mask(self.slack(y), lam, self.finite, tol, *self.bounds(y))
         return mask.astype(y.dtype)
 
 

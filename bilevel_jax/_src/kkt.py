@@ -5,7 +5,9 @@ is *active* when it is tight *and* its multiplier is clearly positive:
 
     h_i - G_i y <= sqrt(tol) (1 + s_scale)     and     lam_i > sqrt(tol) (1 + max_j lam_j) ,
 
-with ``s_scale`` the magnitude of the constraint values (``max(|h|, |G y|)``). An interior
+with ``s_scale`` the magnitude of the constraint values (``max(|h|, |G y|)``), every quantity
+taken per unit row norm (``slack_i / |G_i|``, ``lam_i |G_i|``) so that scaling a row does not
+change the rule. An interior
 point stopped at a relative accuracy ``tol`` has ``lam_i s_i ~ tol``, so strictly active rows
 (``lam_i >> sqrt(tol)``, ``s_i << sqrt(tol)``) and inactive rows (the reverse) are told apart
 by ``sqrt(tol)`` thresholds; after a polish (the equality KKT system solved on the identified
@@ -41,32 +43,46 @@ def _max_abs(x):
     return jnp.max(jnp.abs(x), initial=0.0)
 
 
-def active_mask(slack, lam, valid, tol, s_scale):
+def _per_unit_row(slack, lam, valid, bound, row_norm):
+    """Slacks, multipliers and constraint magnitudes per unit row norm (row-scaling invariant)."""
+    unit = jnp.where(valid & (row_norm > 0), row_norm, 1)
+    bound = jnp.max(jnp.where(valid, bound / unit, 0), initial=0.0)
+    return slack / unit, jnp.where(valid, lam * unit, 0), bound
+
+
+def active_mask(slack, lam, valid, tol, bound, row_norm):
     """The active rows (a boolean mask, no gradient): tight and with a clearly positive multiplier.
+
+    Every quantity is taken per unit row norm (``slack_i / |G_i|``, ``lam_i |G_i|``), so that
+    scaling a row of ``G y <= h`` by any positive factor does not change the rule.
 
     Args:
       slack: ``h - G y``, shape ``(k,)``.
       lam: the multipliers, shape ``(k,)``.
       valid: boolean ``(k,)``, False for rows that are no constraint (``h_i = +inf``).
       tol: the relative KKT tolerance of the solve (a Python float or a traced scalar).
-      s_scale: magnitude of the constraint values, e.g. ``max(|h|, |G y|)``.
+      bound: the magnitude of each constraint, ``max(|h_i|, |G_i y|)``, shape ``(k,)``.
+      row_norm: ``max_j |G_ij|``, shape ``(k,)``.
     """
-    slack, lam, s_scale = (lax.stop_gradient(a) for a in (slack, lam, s_scale))
+    slack, lam, bound, row_norm = (lax.stop_gradient(a) for a in (slack, lam, bound, row_norm))
+    slack, lam, scale = _per_unit_row(slack, lam, valid, bound, row_norm)
     root = jnp.sqrt(jnp.asarray(tol, slack.dtype))
-    lam_scale = _max_abs(jnp.where(valid, lam, 0))
-    return valid & (slack <= root * (1 + s_scale)) & (lam > root * (1 + lam_scale))
+    return valid & (slack <= root * (1 + scale)) & (lam > root * (1 + _max_abs(lam)))
 
 
-def polish_verdict(slack, lam, mask, valid, tol, s_scale):
+def polish_verdict(slack, lam, mask, valid, tol, bound, row_norm):
     """Whether a polished point on the guess ``mask`` is accepted, and the next guess.
 
+    Arguments as in :func:`active_mask` (per unit row norm), plus the guess ``mask``.
+
     Returns:
-      ``(ok, update)``: ``ok`` when every valid row is feasible to ``tol (1 + s_scale)`` and
-      every multiplier is ``>= -tol (1 + max|lam|)``; ``update`` the primal-dual active-set
-      step (keep guessed rows with nonnegative multipliers, add violated rows).
+      ``(ok, update)``: ``ok`` when every valid row is feasible to ``tol (1 + scale)`` and
+      every guessed multiplier is ``>= -tol (1 + max|lam|)``; ``update`` the primal-dual
+      active-set step (keep guessed rows with nonnegative multipliers, add violated rows).
     """
-    tol_s = tol * (1 + s_scale)
-    tol_l = tol * (1 + _max_abs(jnp.where(valid, lam, 0)))
+    slack, lam, scale = _per_unit_row(slack, lam, valid, bound, row_norm)
+    tol_s = tol * (1 + scale)
+    tol_l = tol * (1 + _max_abs(lam))
     feasible = jnp.where(valid, slack >= -tol_s, True)
     ok = jnp.all(feasible) & jnp.all(jnp.where(mask, lam >= -tol_l, True))
     update = valid & jnp.where(mask, lam >= -tol_l, slack < -tol_s)

@@ -345,7 +345,8 @@ def _active_mask(y, lam, G, h, tol):
     valid = _valid(h)
     Gy = jnp.where(valid, _mm(G, y), 0)
     hs = lax.stop_gradient(_safe_h(h))
-    return kkt.active_mask(hs - Gy, lam, valid, tol, jnp.maximum(*_amaxes(hs, Gy)))
+    bound = jnp.maximum(jnp.abs(hs), jnp.abs(Gy))
+    return kkt.active_mask(hs - Gy, lam, valid, tol, bound, jnp.max(jnp.abs(G), axis=1, initial=0))
 
 
 def _active_residual(tol):
@@ -721,7 +722,7 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
     def to_boundary(x, dx):
         return jnp.where(dx < 0, -x / jnp.where(dx < 0, dx, -1), 1)
 
-    def body(state):
+    def iterate(state):
         it, y, nu, lam, s, tau, kappa, _, _ = state
         x = jnp.concatenate([nu, vf * lam])
         Qy = _mm(Q, y)
@@ -791,20 +792,41 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
         flag = jnp.where(finite, flag, _NONFINITE)
         return it + finite.astype(it.dtype), y, nu, lam, s, tau, kappa, flag, residual
 
-    def cond(state):
-        it, flag = state[0], state[7]
-        return (flag == _RUNNING) & (it < max_iter) & pre.convex
+    # The best point so far (lowest residual) is kept: near the attainable accuracy the
+    # residual stops decreasing while the homogeneous iterate keeps shrinking, and rounding
+    # then degrades y / tau. A stall (no new best in 5 iterations once the residual is below
+    # sqrt(tol)) ends the loop; the polish starts from the best point.
+    def normalised(state):
+        it, y, nu, lam, s, tau, _, _, residual = state
+        return it, y / tau, nu / tau, lam / tau, s / tau, residual
+
+    def body(carry):
+        state, best = carry
+        state = iterate(state)
+        better = state[8] < best[5]
+        best = tuple(jnp.where(better, a, b) for a, b in zip(normalised(state), best, strict=True))
+        return state, best
+
+    def cond(carry):
+        (it, *_, flag, _), best = carry
+        stalled = (it - best[0] >= 5) & (best[5] <= jnp.sqrt(tol))
+        return (flag == _RUNNING) & (it < max_iter) & pre.convex & ~stalled
 
     y, nu, lam, s = _initial_point(qp, pre, scaling, valid, init, warm)
     one = jnp.ones((), dtype)
     state = (jnp.asarray(0, jnp.int32), y, nu, lam, s, one, one)
     state = (*state, *classify(y, nu, lam, s, one, one))
-    it, y, nu, lam, s, tau, _, flag, residual = lax.while_loop(cond, body, state)
-    y, nu, lam, s = (a / tau for a in (y, nu, lam, s))
+    state, best = lax.while_loop(cond, body, (state, normalised(state)))
+    it, flag = state[0], state[7]
+    certificate = (flag == _PINF) | (flag == _DINF)
+    point = tuple(
+        jnp.where(certificate, a, b) for a, b in zip(normalised(state)[1:], best[1:], strict=True)
+    )
+    y, nu, lam, s, residual = point
     return _IPMOut(y, nu, jnp.where(valid, lam, 0), s, it, flag, residual)
 
 
-def _polish(qp: _QP, h_max, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max_rounds=4):
+def _polish(qp: _QP, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max_rounds=4):
     """Solve the equality KKT system on a guessed active set (scaled problem).
 
     The first guess is ``I = {lam_i > s_i}`` at the interior point. A guess is accepted when
@@ -822,6 +844,8 @@ def _polish(qp: _QP, h_max, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max
     dtype = Q.dtype
     p = A.shape[0]
 
+    row_norm = jnp.max(jnp.abs(G), axis=1, initial=0)
+
     def attempt(m):
         mm, e_ridge = _active_system(p, m, ridge, dtype)
         chol_s = _factor(pre, mm, e_ridge)
@@ -829,8 +853,8 @@ def _polish(qp: _QP, h_max, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max
         y, x2 = _kkt_solve(pre, chol_s, mm, 1 - mm, rhs, 2 + pre.refine, -pre.q_c)
         nu, lam = x2[:p], jnp.where(m, x2[p:], 0)
         Gy = jnp.where(valid, _mm(G, y), 0)
-        s_scale = jnp.maximum(h_max, _amaxes(Gy)[0])
-        ok, update = kkt.polish_verdict(h - Gy, lam, m, valid, tol, s_scale)
+        bound = jnp.maximum(jnp.abs(h), jnp.abs(Gy))
+        ok, update = kkt.polish_verdict(h - Gy, lam, m, valid, tol, bound, row_norm)
         finite = jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(x2))
         return (y, nu, jnp.maximum(lam, 0)), ok & finite, update
 
@@ -881,12 +905,11 @@ def _forward(theta, init, warm, polish, ridge, tol, max_iter):
     residual = out.residual
 
     def skip():
-        shapes = jax.eval_shape(_polish, qp, h_max, pre, out, valid, ridge, tol)
+        shapes = jax.eval_shape(_polish, qp, pre, out, valid, ridge, tol)
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
-    h_max = _amaxes(jnp.where(valid, qp.h, 0))[0]
     polish = polish & (out.flag != _PINF) & (out.flag != _DINF) & pre.convex
-    z_p, ok, _ = lax.cond(polish, lambda: _polish(qp, h_max, pre, out, valid, ridge, tol), skip)
+    z_p, ok, _ = lax.cond(polish, lambda: _polish(qp, pre, out, valid, ridge, tol), skip)
     z_p = _unscale(scaling, *z_p)
     residual_p = _point_residual(orig, sc, *z_p, valid)
     ok = polish & ok & (residual_p <= jnp.maximum(residual, tol))
