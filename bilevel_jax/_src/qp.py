@@ -556,12 +556,27 @@ def _prepare(qp: _QP, valid) -> _Prepared:
 def _factor(pre: _Prepared, m, e, delta=None):
     """Cholesky factor of ``S = M W M + diag(e + delta (1 + max|W|))``.
 
-    The default ``delta = 1e-2 sqrt(eps)`` keeps ``S`` definite when equality or active rows
-    are dependent (``e_i = 0`` there); pass a smaller ``delta`` when ``e > 0``.
+    By default ``delta = 10 eps``, and ``1e-2 sqrt(eps)`` when that factorisation fails or has
+    a pivot below ``1e3 delta`` (equality or active rows dependent, where ``e_i = 0`` or
+    ``ridge``): the larger value, whose bias the refinement steps against the exact matrix
+    remove, is then needed to keep ``S`` definite. When ``Q`` is nearly singular ``W`` is
+    large along its null space, so the smaller value matters there most.
     """
-    delta = _regularisation(pre.W.dtype) if delta is None else delta
-    S = pre.W * jnp.outer(m, m) + jnp.diag(e + delta * (1 + _amaxes(pre.W)[0]))
-    return lax.linalg.cholesky(S, symmetrize_input=False)
+    dtype = pre.W.dtype
+    scale = 1 + _amaxes(pre.W)[0]
+    base = pre.W * jnp.outer(m, m) + jnp.diag(e)
+    eye = jnp.eye(base.shape[0], dtype=dtype)
+
+    def factor(delta):
+        return lax.linalg.cholesky(base + (delta * scale) * eye, symmetrize_input=False)
+
+    if delta is not None:
+        return factor(delta)
+    small = 10 * float(jnp.finfo(dtype).eps)
+    chol = factor(small)
+    pivot = jnp.min(jnp.abs(jnp.diagonal(chol)), initial=jnp.inf) ** 2
+    healthy = jnp.all(jnp.isfinite(chol)) & (pivot > 1e3 * small * scale)
+    return lax.cond(healthy, lambda: chol, lambda: factor(_regularisation(dtype)))
 
 
 def _kkt_apply(pre: _Prepared, m, e, x):
