@@ -328,7 +328,8 @@ def pgd_solution(g, y0, x, *, steps, step_size, eq=None, ineq=None, box=None, q=
         return y, jnp.linalg.norm(residual(y, p)) / step_size
 
     def adjoint_solve(vjp_z, zbar, z, p, aux):
-        return ls.linear_solve(vjp_z, zbar, method="auto", structure="general")
+        sol = ls.linear_solve(vjp_z, zbar, method="auto", structure="general")
+        return ls.solution_or_nan(sol, what="projected-gradient adjoint solve")
 
     y, res = implicit_solution(solve, residual, adjoint_solve,
                                jax.lax.stop_gradient(y_flat), params)
