@@ -117,18 +117,18 @@ class _Problem(NamedTuple):
         """Box lower levels: 1 on free coordinates, 0 on strictly active bounds.
 
         A coordinate on a bound is active when its multiplier (the gradient pointing out of
-        the box) exceeds what the solve can tell from zero: the largest stationarity error
-        ``|grad_i|`` left on the coordinates strictly inside the box, and at least
-        ``10 eps (1 + max |grad|)`` (rounding in the gradient). Smaller multipliers are
-        weakly active and count as free (the one-sided derivative along directions that
-        leave the bound). Both thresholds scale with the dtype and the solve's accuracy.
+        the box) exceeds what the solve can tell from zero: the largest entry of the
+        stationarity residual the forward solve left, ``|y - clip(y - grad, lo, hi)|`` (the
+        gradient on free coordinates), and at least ``10 eps (1 + max |grad|)`` (rounding in
+        the gradient). Smaller multipliers are weakly active and count as free (the
+        one-sided derivative along directions that leave the bound). Both thresholds scale
+        with the dtype and with the solve's accuracy.
         """
         lo, hi = self.box(params)
         grad = jax.grad(self.objective)(y, params)
         at_lo, at_hi = y <= lo, y >= hi
-        inside = ~(at_lo | at_hi)
         eps = jnp.finfo(y.dtype).eps
-        stationarity = jnp.max(jnp.where(inside, jnp.abs(grad), 0), initial=0.0)
+        stationarity = jnp.max(jnp.abs(y - jnp.clip(y - grad, lo, hi)), initial=0.0)
         margin = jnp.maximum(stationarity, 10 * eps * (1 + jnp.max(jnp.abs(grad), initial=0.0)))
         active = (at_lo & (grad > margin)) | (at_hi & (grad < -margin))
         return jax.lax.stop_gradient(1 - active.astype(y.dtype))
