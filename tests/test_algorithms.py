@@ -82,8 +82,10 @@ def test_ssigd_problem_16_reaches_minimiser():
     (P17, grad_17, 2.0, -2.5, 0.95),
 ])
 def test_dsigd_with_pgd_lower_level(problem, grad_fn, x_star, f_star, factor):
-    # The paper's DSIGD settings: 10 PGD steps at gamma = 1, c_bt = 0.9 (0.95 for (17)).
-    alg = dsigd(problem, backtrack_factor=factor, lower_steps=10, lower_step_size=1.0)
+    # The paper's DSIGD settings (not the library defaults): sigma = 1, slack a e0 / m with
+    # e0 = 1, 10 PGD steps at gamma = 1, c_bt = 0.9 (0.95 for (17)).
+    alg = dsigd(problem, sigma=1.0, slack=1.0, slack_rule="backtracks", backtrack_factor=factor,
+                lower_steps=10, lower_step_size=1.0)
     x, hist = _jit_run(alg)(problem.x0, KEY, 60)
     np.testing.assert_allclose(jnp.abs(x), x_star, atol=1e-4)
     assert float(jnp.linalg.norm(grad_fn(x))) < 1e-4

@@ -117,7 +117,7 @@ def _structure_key(method, structure):
 @functools.cache
 def _linear_solve_fn(method, structure):
     def run(m, b, ridge):
-        return ls.linear_solve(mv(m), b, method=method, structure=structure, ridge=ridge)
+        return ls.linear_solve(mv(m), b, method=method, structure=structure, ridge=ridge).x
 
     return jax.jit(run)
 
@@ -130,7 +130,7 @@ def solve(method, structure, m, b, ridge=0.0):
 @functools.cache
 def _iterative_fn(method):
     def run(m, b, x0, tol, max_iter):
-        return ITERATIVE[method](mv(m), b, x0=x0, tol=tol, max_iter=max_iter)
+        return ITERATIVE[method](mv(m), b, x0=x0, tol=tol, max_iter=max_iter).x
 
     return jax.jit(run)
 
@@ -188,7 +188,9 @@ REPRESENTATIVE = [
 @pytest.mark.parametrize(("method", "structure"), REPRESENTATIVE)
 def test_linear_solve_defaults_eager_and_jit(method, structure, maybe_jit):
     a, b = matrix_for(method, structure), make_rhs()
-    run = maybe_jit(lambda m, rhs: ls.linear_solve(mv(m), rhs, method=method, structure=structure))
+    run = maybe_jit(
+        lambda m, rhs: ls.linear_solve(mv(m), rhs, method=method, structure=structure).x
+    )
     x = run(a, b)
     assert x.shape == (N,) and x.dtype == jnp.float64
     assert rel_err(x, np.linalg.solve(a, b)) < 1e-9
@@ -217,16 +219,16 @@ def test_iterative_larger_n_with_x0(method, structure):
 def test_dense_structures(structure):
     a, b = MAKERS[structure](), make_rhs()
     ref = np.linalg.solve(a, b)
-    assert rel_err(ls.solve_dense(mv(a), b, structure=structure), ref) < 1e-12
-    assert rel_err(ls.solve_dense(mv(a), b, structure="general"), ref) < 1e-12
+    assert rel_err(ls.solve_dense(mv(a), b, structure=structure).x, ref) < 1e-12
+    assert rel_err(ls.solve_dense(mv(a), b, structure="general").x, ref) < 1e-12
     if structure == "symmetric":  # Cholesky of an indefinite matrix: NaN, not an exception
-        assert np.isnan(ls.solve_dense(mv(a), b, structure="spd")).any()
+        assert np.isnan(ls.solve_dense(mv(a), b, structure="spd").x).any()
 
 
 @pytest.mark.parametrize("structure", ALL)
 def test_auto_small_n(structure, maybe_jit):
     a, b = MAKERS[structure](), make_rhs()
-    x = maybe_jit(lambda m, rhs: ls.linear_solve(mv(m), rhs, structure=structure))(a, b)
+    x = maybe_jit(lambda m, rhs: ls.linear_solve(mv(m), rhs, structure=structure).x)(a, b)
     assert rel_err(x, np.linalg.solve(a, b)) < 1e-12
 
 
@@ -264,7 +266,7 @@ def test_ridge_regularises_singular_system():
 @functools.cache
 def _neumann_fn():
     def run(m, b, step, num_terms, ridge):
-        return ls.solve_neumann(mv(m), b, step=step, num_terms=num_terms, ridge=ridge)
+        return ls.solve_neumann(mv(m), b, step=step, num_terms=num_terms, ridge=ridge).x
 
     return jax.jit(run)
 
@@ -292,7 +294,7 @@ def test_neumann_error_decays_and_matches_series():
     np.testing.assert_allclose(x, series, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(ref - x, np.linalg.matrix_power(iteration, t) @ ref, atol=1e-12)
     np.testing.assert_array_equal(_neumann_fn()(a, b, step, 0, 0.0), np.zeros(N))
-    np.testing.assert_array_equal(ls.solve_neumann(mv(a), b, num_terms=0), np.zeros(N))
+    np.testing.assert_array_equal(ls.solve_neumann(mv(a), b, num_terms=0).x, np.zeros(N))
     np.testing.assert_allclose(_neumann_fn()(a, b, 0.3, 1, 0.0), 0.3 * b, rtol=1e-15)
 
 
@@ -332,7 +334,7 @@ def test_minres_singular_consistent_is_min_norm(indefinite):
 def test_minres_singular_consistent_small_eager(maybe_jit):
     a = make_singular_symmetric(N, 8, True, seed=24)
     b = a @ make_rhs()
-    x = maybe_jit(lambda m, rhs: ls.linear_solve(mv(m), rhs, method="minres"))(a, b)
+    x = maybe_jit(lambda m, rhs: ls.linear_solve(mv(m), rhs, method="minres").x)(a, b)
     assert rel_err(x, np.linalg.pinv(a) @ b) < 1e-9
 
 
@@ -389,7 +391,7 @@ def test_tol_is_relative_residual(method):
 
 def test_gmres_restarts():
     a, b = make_general(NL, seed=51), make_rhs(NL, seed=52)
-    x = ls.solve_gmres(mv(a), b, restart=7)  # several cycles, budget not a multiple of 7
+    x = ls.solve_gmres(mv(a), b, restart=7).x  # several cycles, budget not a multiple of 7
     assert rel_err(x, np.linalg.solve(a, b)) < 1e-9
     # A tiny budget stops early but still improves on x0 = 0.
     x = np.asarray(iterate("gmres", a, b, max_iter=2))
@@ -412,10 +414,10 @@ def test_matrix_free_jvp_and_vjp_matvecs():
 
         _, vjp = jax.vjp(residual_map, z)
         return (
-            ls.linear_solve(jvp, rhs, method="gmres"),
-            ls.linear_solve(jvp, rhs, method="normal_cg"),  # transposes a JVP
-            ls.linear_solve(jvp, rhs, method="lu"),
-            ls.linear_solve(lambda t: vjp(t)[0], rhs, method="normal_cg"),  # transposes a VJP
+            ls.linear_solve(jvp, rhs, method="gmres").x,
+            ls.linear_solve(jvp, rhs, method="normal_cg").x,  # transposes a JVP
+            ls.linear_solve(jvp, rhs, method="lu").x,
+            ls.linear_solve(lambda t: vjp(t)[0], rhs, method="normal_cg").x,  # transposes a VJP
         )
 
     x_gmres, x_ncg, x_lu, x_t = solves(z, b)
@@ -545,7 +547,7 @@ def test_factorization_as_custom_vjp_residual():
 @functools.cache
 def _vmapped_fns(method, structure):
     def run(m, b):
-        return ls.linear_solve(mv(m), b, method=method, structure=structure)
+        return ls.linear_solve(mv(m), b, method=method, structure=structure).x
 
     return jax.jit(jax.vmap(run, in_axes=(None, 0))), jax.jit(jax.vmap(run))
 
@@ -577,7 +579,7 @@ def test_float32(method, structure):
 @pytest.mark.parametrize("method", ["dense", "cg"])
 def test_float32_eager(method, maybe_jit):
     a, b = make_spd(), make_rhs()
-    run = maybe_jit(lambda m, rhs: ls.linear_solve(mv(m), rhs, method=method, structure="spd"))
+    run = maybe_jit(lambda m, rhs: ls.linear_solve(mv(m), rhs, method=method, structure="spd").x)
     x = run(a.astype(np.float32), b.astype(np.float32))
     assert x.dtype == jnp.float32 and rel_err(x, np.linalg.solve(a, b)) < 1e-4
 
@@ -591,7 +593,7 @@ def test_mixed_precision_output_dtype_is_dtype_of_b(method):
 
 def test_integer_rhs_and_defaults():
     a = make_spd()
-    x = ls.solve_dense(mv(a), np.arange(N))
+    x = ls.solve_dense(mv(a), np.arange(N)).x
     assert jnp.issubdtype(x.dtype, jnp.floating)
     assert rel_err(x, np.linalg.solve(a, np.arange(N))) < 1e-12
     assert ls.default_tol(jnp.float64) == 1e-12

@@ -113,11 +113,23 @@ class _Problem(NamedTuple):
         return Inequalities.create(*self.inequalities_fn(params))
 
     def free_mask(self, y, params):
-        """Box lower levels: 1 on free coordinates, 0 on strictly active bounds."""
+        """Box lower levels: 1 on free coordinates, 0 on strictly active bounds.
+
+        A coordinate on a bound is active when its multiplier (the gradient pointing out of
+        the box) exceeds what the solve can tell from zero: the largest entry of the
+        stationarity residual the forward solve left, ``|y - clip(y - grad, lo, hi)|`` (the
+        gradient on free coordinates), and at least ``10 eps (1 + max |grad|)`` (rounding in
+        the gradient). Smaller multipliers are weakly active and count as free (the
+        one-sided derivative along directions that leave the bound). Both thresholds scale
+        with the dtype and with the solve's accuracy.
+        """
         lo, hi = self.box(params)
         grad = jax.grad(self.objective)(y, params)
-        margin = jnp.sqrt(jnp.finfo(y.dtype).eps) * (1 + jnp.max(jnp.abs(grad)))
-        active = ((y <= lo) & (grad > margin)) | ((y >= hi) & (grad < -margin))
+        at_lo, at_hi = y <= lo, y >= hi
+        eps = jnp.finfo(y.dtype).eps
+        stationarity = jnp.max(jnp.abs(y - jnp.clip(y - grad, lo, hi)), initial=0.0)
+        margin = jnp.maximum(stationarity, 10 * eps * (1 + jnp.max(jnp.abs(grad), initial=0.0)))
+        active = (at_lo & (grad > margin)) | (at_hi & (grad < -margin))
         return jax.lax.stop_gradient(1 - active.astype(y.dtype))
 
     def residual(self, z, params):
@@ -381,18 +393,19 @@ def _lipschitz_estimate(fun, y, affine, num_iter=50):
 # The implicit rule's adjoint solves.
 
 
-def kkt_adjoint(hvp, v, nubar, affine, fact, method, tol=None, max_iter=None):
+def kkt_adjoint(hvp, v, nubar, affine, fact, method, tol=None, max_iter=None, report=False):
     """Solve ``[H A^T; A 0] [w; mu] = [v; nubar]`` in null-space form (SPD reduced system).
 
     With ``P = I - A^+ A``: ``w = w_R + w_N``, ``w_R = A^+ nubar``,
     ``(P H P + I - P) w_N = P (v - H w_R)`` and ``mu = (A^+)^T (v - H w)``. Rank-deficient
     ``A`` is allowed (minimum-norm ``mu``). ``fact``, a factorisation of the reduced matrix
-    from the forward pass, is reused when given.
+    from the forward pass, is reused when given. A reduced solve that does not converge makes
+    ``w`` (hence the hypergradient) NaN; ``report`` prints a message when it happens.
     """
     if affine is None:
         if fact is not None:
             return ls.solve_factorized(fact, v), None
-        return _reduced_solve(hvp, v, v, method, tol, max_iter), None
+        return _reduced_solve(hvp, v, v, method, tol, max_iter, report), None
     w_r = affine.pinv @ nubar
     rhs = affine.tangent(v - hvp(w_r))
 
@@ -401,21 +414,29 @@ def kkt_adjoint(hvp, v, nubar, affine, fact, method, tol=None, max_iter=None):
         return affine.tangent(hvp(pw)) + (w - pw)
 
     w_n = ls.solve_factorized(fact, rhs) if fact is not None else _reduced_solve(
-        reduced, rhs, v, method, tol, max_iter
+        reduced, rhs, v, method, tol, max_iter, report
     )
     w = w_r + w_n
     return w, -affine.multipliers(v - hvp(w))
 
 
-def _reduced_solve(matvec, rhs, like, method, tol, max_iter):
+def _reduced_solve(matvec, rhs, like, method, tol, max_iter, report=False):
+    """The SPD adjoint solve; NaN when it does not converge (see ``ls.solution_or_nan``)."""
     if method == "neumann":
         step = 1.0 / _lipschitz_estimate(lambda w: 0.5 * w @ matvec(w), like, None)
-        return ls.solve_neumann(matvec, rhs, step=step, num_terms=max_iter or 1000)
-    return ls.linear_solve(matvec, rhs, method=method, structure="spd", tol=tol, max_iter=max_iter)
+        sol = ls.solve_neumann(matvec, rhs, step=step, num_terms=max_iter or 1000)
+    else:
+        sol = ls.linear_solve(matvec, rhs, method=method, structure="spd", tol=tol,
+                              max_iter=max_iter)
+    return ls.solution_or_nan(sol, report=report, what="argmin adjoint solve")
 
 
-def _adjoint_solve(problem, method: str, ridge: float):
-    """Build ``adjoint_solve(vjp_z, zbar, z, params, aux)`` for ``z = (y, nu, lam)``."""
+def _adjoint_solve(problem, method: str, ridge: float, report: bool = False):
+    """Build ``adjoint_solve(vjp_z, zbar, z, params, aux)`` for ``z = (y, nu, lam)``.
+
+    A backward linear solve that does not converge makes the cotangents NaN; ``report``
+    (``throw=True``) also prints a message when that happens.
+    """
 
     def adjoint_solve(vjp_z, zbar, z, params, aux):
         y, nu, lam = z
@@ -428,7 +449,7 @@ def _adjoint_solve(problem, method: str, ridge: float):
             # r = m grad g + (1 - m)(y - bound): solve H_FF u_F = v_F, then the bound rows.
             m = problem.free_mask(y, params)
             u_f = _reduced_solve(
-                lambda w: m * hvp(m * w) + (1 - m) * w, m * v, v, method, None, None
+                lambda w: m * hvp(m * w) + (1 - m) * w, m * v, v, method, None, None, report
             )
             return u_f + (1 - m) * (v - hvp(u_f)), nubar, lambar
         if method not in _REDUCED_METHODS:
@@ -440,16 +461,19 @@ def _adjoint_solve(problem, method: str, ridge: float):
                 return ravel_pytree(jax.tree_util.tree_map(jnp.add, vjp_z(unflat(u)), (
                     ridge * w, jnp.zeros_like(nu), jnp.zeros_like(lam))))[0]
 
-            return unflat(ls.linear_solve(kkt, flat, method=method, structure="symmetric"))
+            sol = ls.linear_solve(kkt, flat, method=method, structure="symmetric")
+            return unflat(ls.solution_or_nan(sol, report=report, what="argmin adjoint solve"))
         fact = aux[1] if ridge == 0.0 and method == "auto" else None
         ineq = problem.inequalities(params)
         if ineq is None:
-            w, mu = kkt_adjoint(hvp, v, nubar, problem.affine(params), fact, method)
+            w, mu = kkt_adjoint(hvp, v, nubar, problem.affine(params), fact, method,
+                                report=report)
             return w, jnp.zeros_like(nu) if mu is None else mu, lambar
         # Active inequality rows join the equalities; inactive rows: mu_i = -lambar_i.
         m = ineq.active(y, lam)
         affine = problem.affine(params, extra=(m[:, None] * ineq.G, m * ineq.h))
-        w, mu = kkt_adjoint(hvp, v, jnp.concatenate([nubar, m * lambar]), affine, None, method)
+        w, mu = kkt_adjoint(hvp, v, jnp.concatenate([nubar, m * lambar]), affine, None, method,
+                            report=report)
         mu_eq, mu_in = mu[: nu.shape[0]], mu[nu.shape[0]:]
         return w, mu_eq, m * mu_in - (1 - m) * lambar
 
@@ -625,7 +649,9 @@ def argmin(
         factor, else factorises densely when ``n <= 1000``, else CG; ``"cholesky"``, ``"cg"``
         and ``"neumann"`` solve the reduced SPD system; ``"dense"``, ``"lu"``, ``"minres"``,
         ``"gmres"`` and ``"normal_cg"`` solve the full symmetric KKT system (singular when the
-        active rows are dependent).
+        active rows are dependent). An iterative backward solve that does not reach its
+        tolerance (default 1e-12 relative residual in float64, 1e-6 in float32, below the
+        forward tolerance) makes the hypergradient NaN rather than silently inaccurate.
       tol: relative tolerance on the KKT residual (default 1e-10 in float64, 1e-5 in float32).
       max_iter: iteration limit (defaults: 100 Newton, 2000 L-BFGS, 10000 gradient, 200
         interior point; unrolled: 20 Newton or 500 gradient steps).
@@ -633,7 +659,8 @@ def argmin(
         hypergradient of the lower level with ``g + ridge/2 ||y||^2`` linearised at ``y*``.
       delta: perturbation of the ``"finite_difference"`` rule.
       alpha: accuracy parameter of the ``"penalty"`` rule.
-      throw: raise :class:`SolveError` if the status is not ``SUCCESS``.
+      throw: raise :class:`SolveError` if the status is not ``SUCCESS``, and print a message
+        when a backward linear solve does not converge.
 
     Returns:
       A :class:`Solution` ``(y, nu, lam, info)``: ``nu`` is ``None`` without ``eq``, ``lam``
@@ -746,7 +773,8 @@ def argmin(
     z0 = (jax.lax.stop_gradient(y0_flat), jnp.zeros((m_eq,), dtype), jnp.zeros((k_in,), dtype))
     if hypergrad == "implicit":
         z, (stats, _) = implicit_solution(
-            forward, problem.residual, _adjoint_solve(problem, linear_solver, ridge), z0, params
+            forward, problem.residual, _adjoint_solve(problem, linear_solver, ridge, throw), z0,
+            params,
         )
         y, nu, lam = z
     elif hypergrad == "unrolled":

@@ -151,14 +151,15 @@ class _Problem(NamedTuple):
         return "spd" if self.eq is None else "symmetric"
 
 
-def _adjoint(problem, xf, w, p, method):
-    """``lam`` solving ``G_w^T lam = grad_w f`` (``G_w`` symmetric)."""
+def _adjoint(problem, xf, w, p, method, report=False):
+    """``lam`` solving ``G_w^T lam = grad_w f`` (``G_w`` symmetric); NaN if not converged."""
     _, vjp = jax.vjp(lambda w_: problem.G(xf, w_, p), w)
     rhs = jax.grad(problem.F, argnums=1)(xf, w, p).astype(problem.dtype)
     structure = problem.gw_structure()
     if method == "minres" or (method == "auto" and w.shape[0] > ls.DENSE_MAX_SIZE):
         method = "cg" if structure == "spd" else "minres"
-    return ls.linear_solve(lambda v: vjp(v)[0], rhs, method=method, structure=structure)
+    sol = ls.linear_solve(lambda v: vjp(v)[0], rhs, method=method, structure=structure)
+    return ls.solution_or_nan(sol, report=report, what="bilevel_layer adjoint (lam) solve")
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,14 +398,15 @@ _FORWARD = {"newton": _newton, "lbfgs": _lbfgs}
 # Backward passes.
 
 
-def _saddle_adjoint(method, ridge):
+def _saddle_adjoint(method, ridge, report=False):
     def adjoint_solve(vjp_z, zbar, z, p, aux):
-        return ls.linear_solve(vjp_z, zbar, method=method, structure="symmetric", ridge=ridge)
+        sol = ls.linear_solve(vjp_z, zbar, method=method, structure="symmetric", ridge=ridge)
+        return ls.solution_or_nan(sol, report=report, what="bilevel_layer backward solve")
 
     return adjoint_solve
 
 
-def _schur_backward(problem, method, ridge):
+def _schur_backward(problem, method, ridge, report=False):
     """The four-solve Schur push-back (ALGORITHMS.md §1.8)."""
     nx, nw = problem.nx, problem.nw
 
@@ -430,7 +432,10 @@ def _schur_backward(problem, method, ridge):
             return ux - G_vjp(ls.solve_factorized(fact, uw, transpose=True))[0]
 
         rhs = xbar - G_vjp(w1)[0]
-        a = ls.linear_solve(schur_t, rhs, method=method, structure="general", ridge=ridge)
+        a = ls.solution_or_nan(
+            ls.linear_solve(schur_t, rhs, method=method, structure="general", ridge=ridge),
+            report=report, what="bilevel_layer Schur-complement solve",
+        )
         _, uw, uz = U_vjp(a)
         b = w1 - ls.solve_factorized(fact, uw, transpose=True)  # 3.
         gz = G_vjp(b)[2]
@@ -538,7 +543,9 @@ def bilevel_layer(
       inner_max_iter: lower-level iteration limit (default: ``argmin``'s).
       ridge: ``ridge >= 0`` added to the backward system (``K``, or ``S`` in ``"schur"``
         mode); the result is then the push-back of the regularised system.
-      throw: raise :class:`~bilevel_jax.SolveError` if the status is not ``SUCCESS``.
+      throw: raise :class:`~bilevel_jax.SolveError` if the status is not ``SUCCESS``, and
+        print a message when a backward linear solve does not converge (its cotangents are
+        then NaN).
 
     Returns:
       A :class:`BilevelSolution` ``(x, y, info)``.
@@ -591,19 +598,19 @@ def bilevel_layer(
     def solve(zeta0, p):
         xf, w0, _ = problem.split(zeta0)
         xf, w, k, conv, inner_info = _FORWARD[solver](problem, inner, xf, w0, p, tol, max_iter)
-        lam = _adjoint(problem, xf, w, p, "auto")
+        lam = _adjoint(problem, xf, w, p, "auto", throw)
         return jnp.concatenate([xf, w, lam]), (k, conv, inner_info)
 
     zeta0 = jnp.concatenate([x0f, y0f, jnp.zeros(problem.m + problem.nw, dtype)])
     zeta0 = jax.lax.stop_gradient(zeta0)
     if mode == "schur":
-        backward = _schur_backward(problem, linear_solver, ridge)
+        backward = _schur_backward(problem, linear_solver, ridge, throw)
         zeta, aux = custom_solution(solve, backward, zeta0, params)
     else:
         # linear_solve's "auto" picks dense LU up to DENSE_MAX_SIZE unknowns, else MINRES, for
         # the symmetric indefinite K.
         residual = problem.residual if mode == "saddle" else problem.residual_gauss_newton
-        adjoint = _saddle_adjoint(linear_solver, ridge)
+        adjoint = _saddle_adjoint(linear_solver, ridge, throw)
         zeta, aux = implicit_solution(solve, residual, adjoint, zeta0, params)
 
     info = _make_info(problem, zeta, params, aux)

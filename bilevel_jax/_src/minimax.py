@@ -470,12 +470,15 @@ def _curvature(hess, n_u):
 # The implicit rule's adjoint solve.
 
 
-def _adjoint_solve(method: str, structure: str, use_fact: bool):
+def _adjoint_solve(method: str, structure: str, use_fact: bool, report: bool = False):
+    """The transposed saddle-point solve; NaN when an iterative solve does not converge."""
+
     def adjoint_solve(vjp_z, zbar, z, p, aux):
         fact = aux[2]
         if use_fact and fact is not None:
             return ls.solve_factorized(fact, zbar, transpose=True)
-        return ls.linear_solve(vjp_z, zbar, method=method, structure=structure)
+        sol = ls.linear_solve(vjp_z, zbar, method=method, structure=structure)
+        return ls.solution_or_nan(sol, report=report, what="saddle_point adjoint solve")
 
     return adjoint_solve
 
@@ -575,7 +578,8 @@ def saddle_point(
       ridge: ``ridge >= 0`` added to the backward system: the hypergradient is then that of
         ``f + ridge/2 ||u||^2 - ridge/2 ||v||^2`` linearised at the solution.
       gap_steps: inner steps per player of the duality-gap estimate in ``info.gap``.
-      throw: raise :class:`SolveError` if the status is not ``SUCCESS``.
+      throw: raise :class:`SolveError` if the status is not ``SUCCESS``, and print a message
+        when the backward linear solve does not converge (its cotangents are then NaN).
 
     Returns:
       A :class:`SaddleSolution` ``(u, v, info)``; ``info`` is a :class:`SaddleInfo`, the
@@ -668,7 +672,7 @@ def saddle_point(
         z, (stats, extra, _) = implicit_solution(
             solve,
             problem.implicit_residual(ridge),
-            _adjoint_solve(linear_solver, structure, use_fact),
+            _adjoint_solve(linear_solver, structure, use_fact, throw),
             z0,
             params,
         )
