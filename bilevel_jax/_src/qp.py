@@ -259,7 +259,10 @@ def active_set_adjoint(
             low = mf * _mm(G, w) - (1 - mf) * mi - ridge * mf * mi
             return jnp.concatenate([top, mid, low])
 
-        u = ls.solve_minres(matvec, rhs, tol=tol, max_iter=max_iter)
+        u = ls.solution_or_nan(
+            ls.solve_minres(matvec, rhs, tol=tol, max_iter=max_iter),
+            what="solve_qp adjoint (MINRES) solve",
+        )
     return u[:n], u[n : n + p], u[n + p :]
 
 
