@@ -15,9 +15,10 @@ from functools import cache
 import jax
 import jax.numpy as jnp
 import numpy as np
-import reference as ref_mod
 
 import bilevel_jax as bj
+
+import reference as ref_mod
 
 N, P, K = 8, 2, 24  # variables, equalities, inequality rows (16 of them box rows where used)
 SHAPE = (N, P, K)

@@ -10,13 +10,14 @@ fuzz = pytest.importorskip("fuzz")
 
 
 def test_fuzz_runs_and_writes_its_table(tmp_path):
-    rows = fuzz.main(["--total", "8", "--families", "strict,unbounded",
+    # 8 per family: the batch size of test_properties.py, whose compiled solve is reused.
+    rows = fuzz.main(["--total", "16", "--families", "strict,unbounded",
                       "--results-dir", str(tmp_path), "--out", str(tmp_path / "t.txt")])
     assert [r["label"] for r in rows] == ["strict", "unbounded"]
     strict, unbounded = rows
-    assert strict["count"] == unbounded["count"] == 4
+    assert strict["count"] == unbounded["count"] == 8
     # Well-posed strictly convex QPs are solved exactly; unbounded ones are never SUCCESS.
-    assert strict["statuses"]["SUCCESS"] == 4 and strict["counts"]["wrong"] == 0
+    assert strict["statuses"]["SUCCESS"] == 8 and strict["counts"]["wrong"] == 0
     assert unbounded["statuses"]["SUCCESS"] == 0 and unbounded["counts"]["wrong"] == 0
     table = (tmp_path / "fuzz.txt").read_text()
     assert table == (tmp_path / "t.txt").read_text()

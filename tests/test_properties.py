@@ -24,14 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import qp_families as fam
-import reference as ref_mod
 import scipy.sparse as sps
 import scipy.sparse.linalg as spsl
 from hypothesis import given
 from hypothesis import strategies as st
 
 import bilevel_jax as bj
+
+import qp_families as fam
+import reference as ref_mod
 
 # ------------------------------------------------------------------ known failures (one place)
 
