@@ -618,7 +618,8 @@ def test_jaxopt_kernel_svm_low_rank():
         return 0.5 * beta @ K @ beta - yl @ beta
 
     assert obj(np.asarray(sol.y)) <= obj(beta_skl) + 1e-9
-    np.testing.assert_allclose(sol.y, beta_skl, atol=1e-3)
+    # the solution is a vertex (every beta_i at a bound): unique; libsvm gets it to 1e-11
+    np.testing.assert_allclose(sol.y, beta_skl, atol=1e-6)
 
 
 @listed
