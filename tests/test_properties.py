@@ -42,9 +42,6 @@ KNOWN_FAILURES = {
                                  "hypergradient is O(1) off at SUCCESS (the backward pass "
                                  "classifies active rows with thresholds that are not scale "
                                  "invariant)",
-    "qp-float64-singular_psd-answers": "singular PSD Q with y* at a vertex (dy*/dc = 0): "
-                                       "d/dc and d/dQ ~2e-4 of the hypergradient's norm "
-                                       "instead of 0 at SUCCESS",
     "qp-float64-infeasible-nan": "finite gradient through an INFEASIBLE result (defect 4)",
     "qp-float64-unbounded-nan": "finite gradient through an UNBOUNDED result (defect 4)",
     "qp-float64-nonfinite-nan": "finite gradient with NaN/inf data (defect 4)",

@@ -611,12 +611,17 @@ def _kkt_solve(pre: _Prepared, chol_s, m, e, r, steps=1, t=None):
     return lax.fori_loop(0, steps, refine, solve(r1, r2, t))
 
 
-def _solve_original(pre: _Prepared, sc: _Scaling, m, e, r, delta=None, steps=1):
-    """Solve ``K(m, e) x = r`` of the *original* problem with the scaled factorisation."""
+def _solve_original(pre: _Prepared, sc: _Scaling, m, e, r, delta=None, steps=1, ridge=0.0):
+    """Solve ``K(m, e) x = r`` of the *original* problem with the scaled factorisation.
+
+    ``ridge`` is added to the multiplier diagonal of the masked rows in *equilibrated* units
+    (``e^ = E^2 e / sigma + ridge m``), so that its relative effect is the same on every row
+    whatever the scaling of the data.
+    """
     D, E, sigma = sc
     root = jnp.sqrt(sigma)
     s1, s2 = root * D, E / root
-    e_hat = e * E**2 / sigma
+    e_hat = e * E**2 / sigma + jnp.asarray(ridge, e.dtype) * m
     chol_s = _factor(pre, m, e_hat, delta)
     x1, x2 = _kkt_solve(pre, chol_s, m, e_hat, (s1 * r[0], s2 * r[1]), steps + pre.refine)
     return s1 * x1, s2 * x2
@@ -728,6 +733,7 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
     vf = valid.astype(dtype)
     k_eff = jnp.sum(vf) + 1
     d = jnp.concatenate([b, vf * h])
+    sc_scaled = _Scales(*_amaxes(Q, c, A, b, G, vf * h))
     m_all = jnp.ones((d.shape[0],), dtype)
     zeros_p = jnp.zeros((p,), dtype)
     tiny = jnp.finfo(dtype).tiny
@@ -736,11 +742,18 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
         y, nu, lam = _unscale(scaling, y / tau, nu / tau, lam / tau)
         return y, nu, lam, jnp.where(valid, s / (scaling.E[p:] * tau), 0)
 
+    def certificates(y, nu, lam, s):
+        # On the equilibrated data, where a ray or a Farkas vector is judged with balanced
+        # norms (in original units a badly scaled solution can pass the normwise tests).
+        meas = _measure(qp, sc_scaled, y, nu, lam, s, valid, eps_inf)
+        return meas.pinf, meas.dinf
+
     def classify(y, nu, lam, s, tau, kappa):
-        meas = _measure(orig, sc_orig, *original(y, nu, lam, s, tau), valid, eps_inf)
-        cert = kappa > tau
-        flag = jnp.where(cert & meas.pinf, _PINF, jnp.where(cert & meas.dinf, _DINF, _RUNNING))
-        return jnp.where(meas.residual <= tol, _CONVERGED, flag), meas.residual
+        residual = _measure(orig, sc_orig, *original(y, nu, lam, s, tau), valid, eps_inf).residual
+        no = jnp.zeros((), bool)
+        pinf, dinf = lax.cond(kappa > tau, certificates, lambda *_: (no, no), y, nu, lam, s)
+        flag = jnp.where(pinf, _PINF, jnp.where(dinf, _DINF, _RUNNING))
+        return jnp.where(residual <= tol, _CONVERGED, flag), residual
 
     def to_boundary(x, dx):
         return jnp.where(dx < 0, -x / jnp.where(dx < 0, dx, -1), 1)
@@ -1036,10 +1049,10 @@ def _implicit_backward(zbar, z, theta, pre, scaling, ridge, tol):
         y, nu, lam = z
         _, _, _, _, G, h = theta
         p = nu.shape[0]
-        m, e = _active_system(p, _active_mask(y, lam, G, h, tol), ridge, y.dtype)
+        m, _ = _active_system(p, _active_mask(y, lam, G, h, tol), ridge, y.dtype)
         ybar, nubar, lambar = zbar
         r = (ybar, jnp.concatenate([nubar, lambar]))
-        w, mu = _solve_original(pre, scaling, m, e, r)
+        w, mu = _solve_original(pre, scaling, m, 1 - m, r, ridge=ridge)
         return w, mu[:p], mu[p:]
 
     return implicit_backward(_active_residual(tol), adjoint_solve)(zbar, z, theta, None)
@@ -1068,10 +1081,11 @@ def _relaxed_backward(zbar, z, theta, pre, scaling, ridge, mu, tol, max_iter):
         lam_v = jnp.where(valid, lam, 1)
         # Rows of h_i = +inf read lam_i = 0 (D_i = -1, e_i = 1); -ridge on the equality block.
         m = jnp.ones((p + lam.shape[0],), dtype)
-        e = jnp.concatenate([jnp.full((p,), ridge, dtype), jnp.where(valid, slack / lam_v, 1)])
+        e = jnp.concatenate([jnp.zeros((p,), dtype), jnp.where(valid, slack / lam_v, 1)])
         ybar, nubar, lambar = zbar
         r = (ybar, jnp.concatenate([nubar, lambar]))
-        w, x2 = _solve_original(pre, scaling, m, e, r)
+        ridge_eq = jnp.concatenate([jnp.full((p,), ridge, dtype), jnp.zeros_like(lam)])
+        w, x2 = _solve_original(pre, scaling, m, e, r, ridge=ridge_eq)
         return w, x2[:p], -x2[p:] / lam_v
 
     return implicit_backward(_relaxed_residual(mu), adjoint_solve)(zbar, z_mu, theta, None)
