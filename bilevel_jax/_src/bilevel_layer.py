@@ -48,7 +48,7 @@ from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.argmin import argmin, default_tol
-from bilevel_jax._src.implicit import custom_solution, implicit_solution
+from bilevel_jax._src.implicit import SolveAux, custom_solution, implicit_solution
 from bilevel_jax._src.tree import tree_all_finite
 from bilevel_jax._src.types import Array, Info, PyTree, Status, check_info, make_info
 from bilevel_jax._src.validation import check_option, check_scalar_output, flatten_variables
@@ -592,7 +592,11 @@ def bilevel_layer(
         xf, w0, _ = problem.split(zeta0)
         xf, w, k, conv, inner_info = _FORWARD[solver](problem, inner, xf, w0, p, tol, max_iter)
         lam = _adjoint(problem, xf, w, p, "auto")
-        return jnp.concatenate([xf, w, lam]), (k, conv, inner_info)
+        zeta = jnp.concatenate([xf, w, lam])
+        info = _make_info(problem, zeta, p, (k, conv, inner_info))
+        # NONFINITE data or iterates: NaN outputs (the policy of types.Status).
+        zeta = jnp.where(info.status == Status.NONFINITE, jnp.nan, zeta).astype(zeta.dtype)
+        return zeta, SolveAux(info)
 
     zeta0 = jnp.concatenate([x0f, y0f, jnp.zeros(problem.m + problem.nw, dtype)])
     zeta0 = jax.lax.stop_gradient(zeta0)
@@ -606,7 +610,7 @@ def bilevel_layer(
         adjoint = _saddle_adjoint(linear_solver, ridge)
         zeta, aux = implicit_solution(solve, residual, adjoint, zeta0, params)
 
-    info = _make_info(problem, zeta, params, aux)
+    info = aux.info
     check_info(info, throw)
     xf, w, _ = problem.split(zeta)
     return BilevelSolution(unravel_x(xf), unravel_y(w[: problem.ny]), info)
