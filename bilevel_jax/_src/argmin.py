@@ -37,7 +37,7 @@ from jax.flatten_util import ravel_pytree
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.constrained import Inequalities, interior_point, masked_residual
 from bilevel_jax._src.implicit import SolveAux, custom_solution, implicit_solution
-from bilevel_jax._src.tree import tree_all_finite, tree_scale
+from bilevel_jax._src.tree import is_inexact, tree_all_finite, tree_scale
 from bilevel_jax._src.types import (
     Array,
     PyTree,
@@ -237,7 +237,7 @@ def _curvature_verdict(hessian, fact, y):
     A finite factor whose smallest pivot ``c_ii^2`` is below ``100 eps`` times the largest is
     singular up to rounding. A factor with NaN (the factorisation of an indefinite matrix
     fails) is told apart from a singular positive semidefinite one by factorising the
-    Hessian shifted by ``sqrt(eps)`` times its largest diagonal entry: success means the
+    Hessian shifted by ``sqrt(eps)`` times its largest entry: success means the
     Hessian is positive semidefinite up to that shift (``SINGULAR``), failure that it has an
     eigenvalue below ``-sqrt(eps)`` times its scale (``NONCONVEX``). The shifted factorisation
     runs only in that failure case (under ``jax.vmap`` it runs for every member).
@@ -250,10 +250,10 @@ def _curvature_verdict(hessian, fact, y):
 
     def classify():
         hess = hessian(y)
-        scale = jnp.max(jnp.abs(jnp.diagonal(hess)))
-        shift = jnp.sqrt(eps) * jnp.maximum(scale, jnp.finfo(y.dtype).tiny)
-        shifted = jnp.linalg.cholesky(hess + shift * jnp.eye(y.shape[0], dtype=y.dtype))
-        psd = jnp.all(jnp.isfinite(shifted))
+        scale = jnp.max(jnp.abs(hess))
+        shifted = jnp.linalg.cholesky(hess + jnp.sqrt(eps) * scale * jnp.eye(y.shape[0],
+                                                                             dtype=y.dtype))
+        psd = jnp.all(jnp.isfinite(shifted)) | (scale == 0)  # a zero Hessian is singular
         return jnp.where(psd & jnp.all(jnp.isfinite(hess)), Status.SINGULAR, Status.NONCONVEX)
 
     def finite_factor():
@@ -640,10 +640,24 @@ def argmin(
 
     Assumptions: ``g`` twice differentiable and strongly convex in ``y`` (on ``null(A)``);
     constraints consistent. Failures are reported in ``info.status``: ``INFEASIBLE``
-    (inconsistent ``A y = b``), ``MAX_STEPS`` (with the residual reached), ``NONFINITE``
-    (``inf``/``nan`` input or iterate), ``RANK_DEFICIENT`` (dependent rows in ``A``: ``y`` is
-    still unique and ``nu`` is the minimum-norm multiplier). ``+inf`` in ``h`` (or infinite
-    box bounds) means "no constraint".
+    (inconsistent ``A y = b``, or a traced box with some ``lo > hi``; concrete bounds with
+    ``lo > hi`` raise ``ValueError``), ``MAX_STEPS`` (with the residual reached),
+    ``NONFINITE`` (``nan`` in ``theta`` or in what the functions close over, or a non-finite
+    iterate), ``NONCONVEX`` (negative curvature: Newton's Cholesky factorisation of the
+    reduced Hessian failed on an indefinite matrix, or an L-BFGS step met negative
+    curvature; the solve stops there), ``SINGULAR`` (Newton's reduced Hessian at the
+    returned point is singular: the minimiser is not isolated and has no derivative),
+    ``UNBOUNDED`` (``g`` fell below ``-1e30 (1 + |g(y0)|)``), ``RANK_DEFICIENT`` (dependent
+    rows in ``A``: ``y`` is still unique and ``nu`` is the minimum-norm multiplier; a
+    success). ``+inf`` in ``h`` (or infinite box bounds) means "no constraint". L-BFGS and
+    the projected gradient method do not form the Hessian, so they cannot see a singular
+    one; their backward solve then returns NaN.
+
+    Failure policy (as for every entry point, see :class:`Status`): with a status other than
+    ``SUCCESS`` or ``RANK_DEFICIENT`` every cotangent is NaN (per problem under
+    ``jax.vmap``); ``NONFINITE`` also makes ``y``, ``nu`` and ``lam`` NaN, and the other
+    failures return the last iterate. ``hypergrad="unrolled"`` differentiates the steps it
+    ran whatever the status.
 
     Cost: Newton and the interior point form the ``n x n`` Hessian (``n`` up to a few
     thousand); L-BFGS and the projected gradient method use gradients only and the implicit
@@ -685,14 +699,20 @@ def argmin(
         hypergradient of the lower level with ``g + ridge/2 ||y||^2`` linearised at ``y*``.
       delta: perturbation of the ``"finite_difference"`` rule.
       alpha: accuracy parameter of the ``"penalty"`` rule.
-      throw: raise :class:`SolveError` if the status is not ``SUCCESS``.
+      throw: raise :class:`SolveError` if the status is a failure (neither ``SUCCESS`` nor
+        ``RANK_DEFICIENT``); under ``jax.jit`` it arrives as the
+        ``jax.errors.JaxRuntimeError`` that ``SolveError`` subclasses. Off by default so
+        that batched sweeps and training loops report failures through the status and NaN
+        cotangents rather than abort (see :class:`SolveError`).
 
     Returns:
       A :class:`Solution` ``(y, nu, lam, info)``: ``nu`` is ``None`` without ``eq``, ``lam``
       is ``None`` without ``ineq`` (box multipliers are not returned).
 
     Raises:
-      ValueError, TypeError: at trace time, for bad options or shapes (naming the argument).
+      ValueError, TypeError: at trace time, for bad options or shapes (naming the argument),
+        or concrete box bounds with ``lo > hi``.
+      SolveError: with ``throw=True``, on a failed status.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -945,15 +965,15 @@ def _nan_if_nonfinite(info, tree):
 def _make_info(problem, y, lam, stats, y_start, params, dtype):
     """The status of a solve, computed inside the forward pass (it gates the cotangents).
 
-    Precedence: ``NONFINITE`` (NaN in the data, or a non-finite iterate) > ``INFEASIBLE`` >
-    ``UNBOUNDED`` > the solver's curvature verdict (``NONCONVEX``, ``SINGULAR``) >
-    ``RANK_DEFICIENT`` / ``SUCCESS`` / ``MAX_STEPS``.
+    Precedence: an empty box (``INFEASIBLE``) > ``NONFINITE`` (NaN in the data, or a
+    non-finite iterate) > ``UNBOUNDED`` > the solver's curvature verdict (``NONCONVEX``,
+    ``SINGULAR``) > ``INFEASIBLE`` (equalities, inequalities) > ``RANK_DEFICIENT`` /
+    ``SUCCESS`` / ``MAX_STEPS``.
     """
     k, res, conv, verdict = stats
     eps = jnp.finfo(dtype).eps
-    nan_data = jnp.any(jnp.stack([jnp.any(jnp.isnan(a)) for a in jax.tree_util.tree_leaves(params)
-                                  if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
-                                 or [jnp.asarray(False)]))
+    leaves = [a for a in jax.tree_util.tree_leaves(params) if is_inexact(a)]
+    nan_data = jnp.any(jnp.stack([jnp.any(jnp.isnan(a)) for a in leaves] or [jnp.asarray(False)]))
     finite = tree_all_finite((y, lam, res, y_start)) & ~nan_data
     status = jnp.where(conv, Status.SUCCESS, Status.MAX_STEPS)
     affine = problem.affine(params)
@@ -981,10 +1001,11 @@ def _make_info(problem, y, lam, stats, y_start, params, dtype):
     value, value0 = problem.objective(y, params), problem.objective(y_start, params)
     unbounded = (value < -1e30 * (1 + jnp.abs(value0))) & jnp.isfinite(value0)
     status = jnp.where(unbounded, Status.UNBOUNDED, status)
-    if problem.bounds is not None:
-        lo, hi = problem.bounds(params)
-        status = jnp.where(jnp.any(lo > hi), Status.INFEASIBLE, status)
     status = jnp.where(finite, status, Status.NONFINITE)
+    if problem.bounds is not None:
+        # An empty box (finite data) makes the interior point's iterates non-finite: say why.
+        lo, hi = problem.bounds(params)
+        status = jnp.where(jnp.any(lo > hi) & ~nan_data, Status.INFEASIBLE, status)
     ok = (status == Status.SUCCESS) | (status == Status.RANK_DEFICIENT)
     return make_info(k, res, ok, status)
 

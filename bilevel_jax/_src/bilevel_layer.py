@@ -505,6 +505,10 @@ def bilevel_layer(
     ``info.status`` is ``MAX_STEPS`` with the residual reached; a failed lower-level solve
     passes its status on (``MAX_STEPS``, ``INFEASIBLE``, ...); ``inf``/``nan`` give
     ``NONFINITE``. Forward-mode differentiation (``jax.jvp``) is not available (custom VJP).
+    Failure policy (as for every entry point, see :class:`~bilevel_jax.Status`): with a
+    status other than ``SUCCESS`` or ``RANK_DEFICIENT`` every cotangent is NaN (per problem
+    under ``jax.vmap``); ``NONFINITE`` also makes ``x`` and ``y`` NaN, and the other
+    failures return the last iterate.
 
     Cost: each Newton trial point forms ``S`` (``O((n_x + n_w)^3)``, third derivatives of
     ``g``) and solves the lower level (dense, ``O(n_w^3)`` per inner step); use
@@ -538,7 +542,10 @@ def bilevel_layer(
       inner_max_iter: lower-level iteration limit (default: ``argmin``'s).
       ridge: ``ridge >= 0`` added to the backward system (``K``, or ``S`` in ``"schur"``
         mode); the result is then the push-back of the regularised system.
-      throw: raise :class:`~bilevel_jax.SolveError` if the status is not ``SUCCESS``.
+      throw: raise :class:`~bilevel_jax.SolveError` if the status is a failure (neither
+        ``SUCCESS`` nor ``RANK_DEFICIENT``); under ``jax.jit`` it arrives as the
+        ``jax.errors.JaxRuntimeError`` that ``SolveError`` subclasses. Off by default (see
+        :class:`~bilevel_jax.SolveError`).
 
     Returns:
       A :class:`BilevelSolution` ``(x, y, info)``.

@@ -539,7 +539,15 @@ def saddle_point(
     negative or ``f_vv`` with a positive eigenvalue: ``f`` is not convex–concave there. A
     non-convex–concave problem therefore stops with ``DIVERGED``; it does not hang. (A
     first-order solver started exactly at a stationary point of such an ``f`` reports
-    ``SUCCESS``: it never moves.)
+    ``SUCCESS``: it never moves.) An empty set (``Box`` with ``lo > hi``, ``Simplex`` with a
+    negative budget, ``Ball`` with a negative radius, an inconsistent ``Affine``) is a
+    ``ValueError`` when its data are concrete and ``INFEASIBLE`` (with NaN outputs: there
+    is no point to return) when traced.
+
+    Failure policy (as for every entry point, see :class:`Status`): with a status other than
+    ``SUCCESS`` every cotangent is NaN (per problem under ``jax.vmap``); ``NONFINITE`` also
+    makes ``u`` and ``v`` NaN, and ``MAX_STEPS`` / ``DIVERGED`` return the last iterate.
+    ``hypergrad="unrolled"`` differentiates the steps it ran whatever the status.
 
     Cost: extragradient and OGDA use gradients of ``f`` only (two, resp. one, per step;
     linear convergence for strongly convex–strongly concave ``f``, ``O(1/k)`` for the
@@ -581,7 +589,10 @@ def saddle_point(
       ridge: ``ridge >= 0`` added to the backward system: the hypergradient is then that of
         ``f + ridge/2 ||u||^2 - ridge/2 ||v||^2`` linearised at the solution.
       gap_steps: inner steps per player of the duality-gap estimate in ``info.gap``.
-      throw: raise :class:`SolveError` if the status is not ``SUCCESS``.
+      throw: raise :class:`SolveError` if the status is not ``SUCCESS``; under ``jax.jit``
+        it arrives as the ``jax.errors.JaxRuntimeError`` that ``SolveError`` subclasses.
+        Off by default so that sweeps report failures through the status (see
+        :class:`SolveError`).
 
     Returns:
       A :class:`SaddleSolution` ``(u, v, info)``; ``info`` is a :class:`SaddleInfo`, the
@@ -589,7 +600,8 @@ def saddle_point(
 
     Raises:
       ValueError, TypeError: at trace time, for bad options, shapes or sets (naming the
-        argument).
+        argument), or sets that are empty with concrete data.
+      SolveError: with ``throw=True``, on a failed status.
 
     Examples:
       >>> import jax, jax.numpy as jnp
