@@ -234,19 +234,22 @@ def _newton(fun, y0, affine, tol, max_iter):
 def _curvature_verdict(hessian, fact, y):
     """``SUCCESS``, ``SINGULAR`` or ``NONCONVEX`` from Newton's Cholesky factor at ``y``.
 
-    A finite factor whose smallest pivot ``c_ii^2`` is below ``100 eps`` times the largest is
-    singular up to rounding. A factor with NaN (the factorisation of an indefinite matrix
-    fails) is told apart from a singular positive semidefinite one by factorising the
-    Hessian shifted by ``sqrt(eps)`` times its largest entry: success means the
-    Hessian is positive semidefinite up to that shift (``SINGULAR``), failure that it has an
-    eigenvalue below ``-sqrt(eps)`` times its scale (``NONCONVEX``). The shifted factorisation
-    runs only in that failure case (under ``jax.vmap`` it runs for every member).
+    A finite factor with a pivot ``c_ii^2`` below ``100 eps`` times the diagonal entry
+    ``H_ii`` is singular up to rounding (row ``i`` depends on the previous rows). A factor
+    with NaN (the factorisation of an indefinite matrix fails) is told apart from a singular
+    positive semidefinite one by factorising the Hessian shifted by ``sqrt(eps)`` times its
+    largest entry: success means the Hessian is positive semidefinite up to that shift
+    (``SINGULAR``), failure that it has an eigenvalue below ``-sqrt(eps)`` times its scale
+    (``NONCONVEX``). The shifted factorisation runs only in that failure case (under
+    ``jax.vmap`` it runs for every member).
     """
     c = fact.factors[0]
     eps = jnp.finfo(y.dtype).eps
-    pivots = jnp.diagonal(c) ** 2
-    failed = ~jnp.all(jnp.isfinite(c))
-    tiny = jnp.min(pivots) <= 100 * eps * jnp.max(pivots)
+    # Each pivot relative to its diagonal entry H_ii = sum_j c_ij^2: the fraction of H_ii left
+    # after eliminating the previous unknowns, invariant to a diagonal scaling of y.
+    pivots = jnp.diagonal(c) ** 2 / jnp.sum(c * c, axis=1)
+    failed = ~jnp.all(jnp.isfinite(pivots))
+    tiny = jnp.min(pivots) <= 100 * eps
 
     def classify():
         hess = hessian(y)
