@@ -296,6 +296,11 @@ def test_defect7_strongly_convex_problems_keep_success():
         for solver in ("newton", "lbfgs"):
             sol = bj.argmin(g_hard, jnp.zeros(2, dtype), TH.astype(dtype), solver=solver)
             assert int(sol.info.status) == bj.Status.SUCCESS, (dtype, solver)
+        # Badly scaled but well-posed (a diagonal Hessian 1e-4 ... 1e4) is not singular.
+        d = jnp.asarray([1e-4, 1e4], dtype)
+        sol = bj.argmin(lambda y, t: 0.5 * jnp.sum(d * y**2) - t @ y, jnp.zeros(2, dtype),
+                        jnp.ones(2, dtype), solver="newton")
+        assert int(sol.info.status) == bj.Status.SUCCESS, dtype
 
 
 def test_defect7_status_enum_is_append_only():
