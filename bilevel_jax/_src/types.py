@@ -44,11 +44,12 @@ class Status(enum.IntEnum):
     * Any other status comes with **NaN cotangents**: reverse mode through the solution
       returns NaN for every differentiable input, per problem under ``jax.vmap`` (one failed
       member of a batch does not poison the others' cotangents; a loss summed over the batch
-      does become NaN, which is the signal). Forward outputs: ``NONFINITE`` (``nan``/``inf``
-      in the data or an iterate) gives NaN outputs; the other statuses return the last iterate
-      (documented at each entry point), which may be useful for diagnosis but is not a
-      solution. ``hypergrad="unrolled"`` differentiates the iterations actually run, whatever
-      the status.
+      does become NaN, which is the signal). Forward outputs: ``NONFINITE`` from ``nan`` or
+      ``inf`` in the data gives NaN outputs; the other statuses return the last iterate (or
+      the last finite one; documented at each entry point), which may help diagnosis but is
+      not a solution. An empty set has no point to return: NaN outputs with ``INFEASIBLE``.
+      ``hypergrad="unrolled"`` differentiates the iterations actually run, whatever the
+      status.
     * Inconsistent set data (``lo > hi``, a negative radius or budget) is a ``ValueError``
       when the data are concrete, and ``INFEASIBLE`` when they are traced.
     * ``throw=True`` raises :class:`SolveError` instead (see there).
