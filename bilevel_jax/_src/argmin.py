@@ -30,15 +30,24 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import kkt
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.constrained import Inequalities, interior_point, masked_residual
-from bilevel_jax._src.implicit import custom_solution, implicit_solution
-from bilevel_jax._src.tree import tree_all_finite, tree_scale
-from bilevel_jax._src.types import Array, PyTree, Solution, Status, check_info, make_info
+from bilevel_jax._src.implicit import SolveAux, custom_solution, implicit_solution
+from bilevel_jax._src.tree import is_inexact, tree_all_finite, tree_scale
+from bilevel_jax._src.types import (
+    Array,
+    PyTree,
+    Solution,
+    Status,
+    check_info,
+    concrete_or_none,
+    make_info,
+)
 from bilevel_jax._src.validation import check_option, check_scalar_output, flatten_variables
 
 SOLVERS = ("auto", "newton", "lbfgs", "gradient", "interior_point")
@@ -96,6 +105,7 @@ class _Problem(NamedTuple):
     equalities: Callable | None = None  # params -> (A, b)
     inequalities_fn: Callable | None = None  # params -> (G, h)
     box: Callable | None = None  # params -> (lo, hi), flat (box-only lower levels)
+    bounds: Callable | None = None  # params -> (lo, hi), flat, whenever box= is given
 
     def affine(self, params, extra=None) -> AffineSet | None:
         """The equality constraints, with ``extra = (G_I, h_I)`` rows appended if given."""
@@ -186,12 +196,13 @@ def _newton(fun, y0, affine, tol, max_iter):
     eye = jnp.eye(n, dtype=y0.dtype)
     P = None if affine is None else eye - affine.pinv @ affine.A
 
+    def reduced_hessian(y):
+        hess = jax.hessian(fun)(y)
+        return hess if P is None else P @ hess @ P + (eye - P)
+
     def model(y):
         grad = jax.grad(fun)(y)
-        hess = jax.hessian(fun)(y)
-        if P is None:
-            return grad, ls.factorize(hess, structure="spd")
-        return P @ grad, ls.factorize(P @ hess @ P + (eye - P), structure="spd")
+        return _tangent(affine, grad), ls.factorize(reduced_hessian(y), structure="spd")
 
     def line_search(y, value, grad, direction):
         # Armijo on g, or (once the decrease is below rounding in g) on the residual norm.
@@ -228,7 +239,41 @@ def _newton(fun, y0, affine, tol, max_iter):
     state = (jnp.asarray(0), y0, grad0, fact0, jnp.asarray(True))
     k, y, grad, fact, _ = jax.lax.while_loop(cond, body, state)
     res = jnp.linalg.norm(grad)
-    return y, k, res, res <= threshold, fact
+    return y, k, res, res <= threshold, fact, _curvature_verdict(reduced_hessian, fact, y)
+
+
+def _curvature_verdict(hessian, fact, y):
+    """``SUCCESS``, ``SINGULAR`` or ``NONCONVEX`` from Newton's Cholesky factor at ``y``.
+
+    A finite factor with a pivot ``c_ii^2`` below ``100 eps`` times the diagonal entry
+    ``H_ii`` is singular up to rounding (row ``i`` depends on the previous rows). A factor
+    with NaN (the factorisation of an indefinite matrix fails) is told apart from a singular
+    positive semidefinite one by factorising the Hessian shifted by ``sqrt(eps)`` times its
+    largest entry: success means the Hessian is positive semidefinite up to that shift
+    (``SINGULAR``), failure that it has an eigenvalue below ``-sqrt(eps)`` times its scale
+    (``NONCONVEX``). The shifted factorisation runs only in that failure case (under
+    ``jax.vmap`` it runs for every member).
+    """
+    c = fact.factors[0]
+    eps = jnp.finfo(y.dtype).eps
+    # Each pivot relative to its diagonal entry H_ii = sum_j c_ij^2: the fraction of H_ii left
+    # after eliminating the previous unknowns, invariant to a diagonal scaling of y.
+    pivots = jnp.diagonal(c) ** 2 / jnp.sum(c * c, axis=1)
+    failed = ~jnp.all(jnp.isfinite(pivots))
+    tiny = jnp.min(pivots) <= 100 * eps
+
+    def classify():
+        hess = hessian(y)
+        scale = jnp.max(jnp.abs(hess))
+        shifted = jnp.linalg.cholesky(hess + jnp.sqrt(eps) * scale * jnp.eye(y.shape[0],
+                                                                             dtype=y.dtype))
+        psd = jnp.all(jnp.isfinite(shifted)) | (scale == 0)  # a zero Hessian is singular
+        return jnp.where(psd & jnp.all(jnp.isfinite(hess)), Status.SINGULAR, Status.NONCONVEX)
+
+    def finite_factor():
+        return jnp.where(tiny, Status.SINGULAR, Status.SUCCESS)
+
+    return jax.lax.cond(failed, classify, finite_factor).astype(jnp.int32)
 
 
 def _lbfgs(fun, y0, affine, tol, max_iter):
@@ -242,23 +287,32 @@ def _lbfgs(fun, y0, affine, tol, max_iter):
     value_and_grad = optax.value_and_grad_from_state(reduced)
     z0 = jnp.zeros_like(y0)
     threshold = tol * (1 + jnp.linalg.norm(jax.grad(reduced)(z0)))
+    eps = jnp.finfo(y0.dtype).eps
 
     def cond(state):
-        k, _, _, res = state
-        return (k < max_iter) & (res > threshold)
+        k, _, _, res, negative = state
+        return (k < max_iter) & (res > threshold) & ~negative
 
     def body(state):
-        k, z, opt_state, _ = state
+        # Stops at negative curvature along the step, s' (grad(z + s) - grad(z)) < 0 beyond
+        # rounding: g is not convex there (on a convex g the curvature is >= 0).
+        k, z, opt_state, _, _ = state
         value, grad = value_and_grad(z, state=opt_state)
         updates, opt_state = opt.update(
             grad, opt_state, z, value=value, grad=grad, value_fn=reduced
         )
-        z = optax.apply_updates(z, updates).astype(y0.dtype)
-        return k + 1, z, opt_state, jnp.linalg.norm(jax.grad(reduced)(z))
+        z_new = optax.apply_updates(z, updates).astype(y0.dtype)
+        grad_new = jax.grad(reduced)(z_new)
+        step, gnorm = z_new - z, jnp.linalg.norm(grad_new)
+        rounding = 100 * eps * jnp.linalg.norm(step) * (jnp.linalg.norm(grad) + gnorm)
+        negative = step @ (grad_new - grad) < -rounding
+        return k + 1, z_new, opt_state, gnorm, negative
 
-    state = (jnp.asarray(0), z0, opt.init(z0), jnp.asarray(jnp.inf, y0.dtype))
-    k, z, _, res = jax.lax.while_loop(cond, body, state)
-    return y0 + _tangent(affine, z), k, res, res <= threshold, None
+    state = (jnp.asarray(0), z0, opt.init(z0), jnp.asarray(jnp.inf, y0.dtype),
+             jnp.asarray(False))
+    k, z, _, res, negative = jax.lax.while_loop(cond, body, state)
+    verdict = jnp.where(negative, Status.NONCONVEX, Status.SUCCESS).astype(jnp.int32)
+    return y0 + _tangent(affine, z), k, res, res <= threshold, None, verdict
 
 
 def _gradient(fun, y0, project, tol, max_iter):
@@ -312,7 +366,7 @@ def _gradient(fun, y0, project, tol, max_iter):
     one = jnp.ones((), y0.dtype)
     state = (jnp.asarray(0), y0, y0, one, one, mapping(y0))
     k, y, _, _, _, res = jax.lax.while_loop(cond, body, state)
-    return y, k, res, res <= threshold, None
+    return y, k, res, res <= threshold, None, jnp.asarray(Status.SUCCESS, jnp.int32)
 
 
 _FORWARD = {
@@ -612,10 +666,24 @@ def argmin(
 
     Assumptions: ``g`` twice differentiable and strongly convex in ``y`` (on ``null(A)``);
     constraints consistent. Failures are reported in ``info.status``: ``INFEASIBLE``
-    (inconsistent ``A y = b``), ``MAX_STEPS`` (with the residual reached), ``NONFINITE``
-    (``inf``/``nan`` input or iterate), ``RANK_DEFICIENT`` (dependent rows in ``A``: ``y`` is
-    still unique and ``nu`` is the minimum-norm multiplier). ``+inf`` in ``h`` (or infinite
-    box bounds) means "no constraint".
+    (inconsistent ``A y = b``, or a traced box with some ``lo > hi``; concrete bounds with
+    ``lo > hi`` raise ``ValueError``), ``MAX_STEPS`` (with the residual reached),
+    ``NONFINITE`` (``nan`` in ``theta`` or in what the functions close over, or a non-finite
+    iterate), ``NONCONVEX`` (negative curvature: Newton's Cholesky factorisation of the
+    reduced Hessian failed on an indefinite matrix, or an L-BFGS step met negative
+    curvature; the solve stops there), ``SINGULAR`` (Newton's reduced Hessian at the
+    returned point is singular: the minimiser is not isolated and has no derivative),
+    ``UNBOUNDED`` (``g`` fell below ``-1e30 (1 + |g(y0)|)``), ``RANK_DEFICIENT`` (dependent
+    rows in ``A``: ``y`` is still unique and ``nu`` is the minimum-norm multiplier; a
+    success). ``+inf`` in ``h`` (or infinite box bounds) means "no constraint". L-BFGS and
+    the projected gradient method do not form the Hessian, so they cannot see a singular
+    one; their backward solve then returns NaN.
+
+    Failure policy (as for every entry point, see :class:`Status`): with a status other than
+    ``SUCCESS`` or ``RANK_DEFICIENT`` every cotangent is NaN (per problem under
+    ``jax.vmap``); ``NONFINITE`` also makes ``y``, ``nu`` and ``lam`` NaN, and the other
+    failures return the last iterate. ``hypergrad="unrolled"`` differentiates the steps it
+    ran whatever the status.
 
     Cost: Newton and the interior point form the ``n x n`` Hessian (``n`` up to a few
     thousand); L-BFGS and the projected gradient method use gradients only and the implicit
@@ -659,15 +727,21 @@ def argmin(
         hypergradient of the lower level with ``g + ridge/2 ||y||^2`` linearised at ``y*``.
       delta: perturbation of the ``"finite_difference"`` rule.
       alpha: accuracy parameter of the ``"penalty"`` rule.
-      throw: raise :class:`SolveError` if the status is not ``SUCCESS``, and print a message
-        when a backward linear solve does not converge.
+      throw: raise :class:`SolveError` if the status is a failure (neither ``SUCCESS`` nor
+        ``RANK_DEFICIENT``); under ``jax.jit`` it arrives as the
+        ``jax.errors.JaxRuntimeError`` that ``SolveError`` subclasses. Off by default so
+        that batched sweeps and training loops report failures through the status and NaN
+        cotangents rather than abort (see :class:`SolveError`). With ``throw`` a backward
+        linear solve that does not converge also prints a message.
 
     Returns:
       A :class:`Solution` ``(y, nu, lam, info)``: ``nu`` is ``None`` without ``eq``, ``lam``
       is ``None`` without ``ineq`` (box multipliers are not returned).
 
     Raises:
-      ValueError, TypeError: at trace time, for bad options or shapes (naming the argument).
+      ValueError, TypeError: at trace time, for bad options or shapes (naming the argument),
+        or concrete box bounds with ``lo > hi``.
+      SolveError: with ``throw=True``, on a failed status.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -728,19 +802,21 @@ def argmin(
     k_in = _check_rows("ineq", ineq, theta, n, "G", "h") if ineq is not None else 0
     equalities = call("eq") if eq is not None else None
     inequalities = call("ineq") if ineq is not None else None
-    box_fn = None
+    box_fn = bounds_fn = None
     if box is not None:
         bounds = _box_bounds(box, theta, y0, unravel)
+        _check_box_concrete(bounds, box, theta)
 
         def box_fn(p):
             return bounds(converted["box"](p[0], *p[2]["box"]))
 
+        bounds_fn = box_fn
         if not box_only:  # box rows join G y <= h for the interior point
             inequalities = _append_box(inequalities, box_fn, n, dtype)
             k_in += 2 * n
             box_fn = None
     problem = _Problem(lambda yf, p: g_conv(unravel(yf), p[0], *p[1]), equalities,
-                       inequalities, box_fn)
+                       inequalities, box_fn, bounds_fn)
 
     def fun_at(p):
         return lambda yf: problem.objective(yf, p)
@@ -749,10 +825,10 @@ def argmin(
         y_start, _, lam = z0
         affine = problem.affine(p)
         ineq_p = problem.inequalities(p)
-        fact = None
+        fact, verdict = None, jnp.asarray(Status.SUCCESS, jnp.int32)
         if problem.box is not None:
             lo, hi = problem.box(p)
-            y, k, res, conv, _ = _gradient(
+            y, k, res, conv, _, verdict = _gradient(
                 fun_at(p), jnp.clip(y_start, lo, hi), lambda z: jnp.clip(z, lo, hi), tol_, max_iter
             )
         elif ineq_p is not None:
@@ -762,21 +838,25 @@ def argmin(
             )
             y, lam = _polish(problem, fun_at(p), y, lam, ineq_p, p, tol_)
         else:
-            y, k, res, conv, fact = _FORWARD[solver](
+            y, k, res, conv, fact, verdict = _FORWARD[solver](
                 fun_at(p), _project(affine, y_start), affine, tol_, max_iter
             )
         nu = jnp.zeros((m_eq,), dtype) if affine is None else affine.multipliers(
             jax.grad(problem.objective)(y, p) + (0 if ineq_p is None else ineq_p.G.T @ lam)
         )
-        return (y, nu, lam), ((k, res, conv), fact)
+        info = _make_info(problem, y, lam, (k, res, conv, verdict), y_start, p, dtype)
+        # NONFINITE data or iterates: NaN outputs (the policy of types.Status).
+        y, nu, lam = _nan_if_nonfinite(info, (y, nu, lam))
+        return (y, nu, lam), SolveAux(info, fact)
 
     z0 = (jax.lax.stop_gradient(y0_flat), jnp.zeros((m_eq,), dtype), jnp.zeros((k_in,), dtype))
     if hypergrad == "implicit":
-        z, (stats, _) = implicit_solution(
+        z, aux = implicit_solution(
             forward, problem.residual, _adjoint_solve(problem, linear_solver, ridge, throw), z0,
             params,
         )
         y, nu, lam = z
+        info = aux.info
     elif hypergrad == "unrolled":
         affine = problem.affine(params)
         y_start = _project(affine, z0[0])
@@ -787,23 +867,24 @@ def argmin(
             y_start = project(y_start)
         y, k, res, conv = _unrolled(fun_at(params), y_start, affine, tol, max_iter, solver,
                                     project)
-        stats = (k, res, conv)
         nu, lam = problem.multipliers(y, z0[2], params)
+        # The unrolled rule differentiates the steps it ran, whatever the status.
+        info = _make_info(problem, y, lam, (k, res, conv, Status.SUCCESS), z0[0], params, dtype)
     else:
         inner_tol = max(tol * min(delta if hypergrad == "finite_difference" else alpha, 1.0),
                         100 * float(jnp.finfo(dtype).eps))
 
         def solve(y_start, p):
-            (y, _, lam), (stats, _) = forward((y_start, z0[1], z0[2]), p)
-            return y, (stats, lam)
+            (y, _, lam), aux = forward((y_start, z0[1], z0[2]), p)
+            return y, SolveAux(aux.info, lam)
 
         backward = (_finite_difference_backward(problem, solver, delta, inner_tol, max_iter)
                     if hypergrad == "finite_difference"
                     else _penalty_backward(problem, alpha, inner_tol, max(max_iter, 100)))
-        y, (stats, lam) = custom_solution(solve, backward, z0[0], params)
-        nu, lam = problem.multipliers(y, jax.lax.stop_gradient(lam), params)
+        y, aux = custom_solution(solve, backward, z0[0], params)
+        info = aux.info
+        nu, lam = problem.multipliers(y, jax.lax.stop_gradient(aux.extra), params)
 
-    info = _make_info(problem, y, lam, stats, y0_flat, params, dtype)
     check_info(info, throw)
     return Solution(unravel(y), nu if eq is not None else None,
                     lam[: k_in - (2 * n if box is not None and not box_only else 0)]
@@ -905,10 +986,25 @@ def _append_box(inequalities, box_fn, n, dtype):
     return fn
 
 
-def _make_info(problem, y, lam, stats, y0_flat, params, dtype):
-    k, res, conv = stats
+def _nan_if_nonfinite(info, tree):
+    """NaN in every leaf of ``tree`` when ``info.status`` is ``NONFINITE``."""
+    bad = info.status == Status.NONFINITE
+    return jax.tree_util.tree_map(lambda a: jnp.where(bad, jnp.nan, a).astype(a.dtype), tree)
+
+
+def _make_info(problem, y, lam, stats, y_start, params, dtype):
+    """The status of a solve, computed inside the forward pass (it gates the cotangents).
+
+    Precedence: an empty box (``INFEASIBLE``) > ``NONFINITE`` (NaN in the data, or a
+    non-finite iterate) > ``UNBOUNDED`` > the solver's curvature verdict (``NONCONVEX``,
+    ``SINGULAR``) > ``INFEASIBLE`` (equalities, inequalities) > ``RANK_DEFICIENT`` /
+    ``SUCCESS`` / ``MAX_STEPS``.
+    """
+    k, res, conv, verdict = stats
     eps = jnp.finfo(dtype).eps
-    finite = tree_all_finite((y, lam, res, y0_flat))
+    leaves = [a for a in jax.tree_util.tree_leaves(params) if is_inexact(a)]
+    nan_data = jnp.any(jnp.stack([jnp.any(jnp.isnan(a)) for a in leaves] or [jnp.asarray(False)]))
+    finite = tree_all_finite((y, lam, res, y_start)) & ~nan_data
     status = jnp.where(conv, Status.SUCCESS, Status.MAX_STEPS)
     affine = problem.affine(params)
     if affine is not None:
@@ -929,8 +1025,19 @@ def _make_info(problem, y, lam, stats, y0_flat, params, dtype):
         violation = jnp.max(jnp.maximum(-ineq.slack(y), 0), initial=0.0)
         infeasible = violation > jnp.sqrt(eps) * (1 + jnp.max(jnp.abs(ineq.h), initial=0.0))
         status = jnp.where(infeasible & ~conv, Status.INFEASIBLE, status)
+    # The curvature verdict overrides convergence: no hypergradient without it.
+    status = jnp.where(verdict != Status.SUCCESS, verdict, status)
+    # Unbounded below: g fell below -1e30 times its scale at the start.
+    value, value0 = problem.objective(y, params), problem.objective(y_start, params)
+    unbounded = (value < -1e30 * (1 + jnp.abs(value0))) & jnp.isfinite(value0)
+    status = jnp.where(unbounded, Status.UNBOUNDED, status)
     status = jnp.where(finite, status, Status.NONFINITE)
-    return make_info(k, res, conv & finite, status)
+    if problem.bounds is not None:
+        # An empty box (finite data) makes the interior point's iterates non-finite: say why.
+        lo, hi = problem.bounds(params)
+        status = jnp.where(jnp.any(lo > hi) & ~nan_data, Status.INFEASIBLE, status)
+    ok = (status == Status.SUCCESS) | (status == Status.RANK_DEFICIENT)
+    return make_info(k, res, ok, status)
 
 
 def _rank_tol(A):
@@ -964,6 +1071,26 @@ def _check_rows(arg, fn, theta, n, mat, vec):
     if M.shape[0] == 0:
         raise ValueError(f"{arg}(theta) returned {mat} with no rows; pass {arg}=None instead.")
     return M.shape[0]
+
+
+def _check_box_concrete(bounds, box, theta):
+    """Raise ``ValueError`` if ``box(theta)`` has concrete bounds with some ``lo > hi``.
+
+    Bounds that depend on a traced ``theta`` are checked at run time instead
+    (``Status.INFEASIBLE``).
+    """
+    with jax.ensure_compile_time_eval():
+        lo, hi = bounds(box(theta))
+    lo, hi = concrete_or_none(lo), concrete_or_none(hi)
+    if lo is None or hi is None:
+        return
+    bad = np.flatnonzero(lo > hi)
+    if bad.size:
+        i = bad[0]
+        raise ValueError(
+            f"box(theta) returned lo > hi at {bad.size} entries, e.g. flattened index {i}: "
+            f"lo = {lo[i]}, hi = {hi[i]}; the box is empty."
+        )
 
 
 def _box_bounds(box, theta, y0, unravel):

@@ -48,7 +48,7 @@ from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.argmin import argmin, default_tol
-from bilevel_jax._src.implicit import custom_solution, implicit_solution
+from bilevel_jax._src.implicit import SolveAux, custom_solution, implicit_solution
 from bilevel_jax._src.tree import tree_all_finite
 from bilevel_jax._src.types import Array, Info, PyTree, Status, check_info, make_info
 from bilevel_jax._src.validation import check_option, check_scalar_output, flatten_variables
@@ -510,6 +510,10 @@ def bilevel_layer(
     ``info.status`` is ``MAX_STEPS`` with the residual reached; a failed lower-level solve
     passes its status on (``MAX_STEPS``, ``INFEASIBLE``, ...); ``inf``/``nan`` give
     ``NONFINITE``. Forward-mode differentiation (``jax.jvp``) is not available (custom VJP).
+    Failure policy (as for every entry point, see :class:`~bilevel_jax.Status`): with a
+    status other than ``SUCCESS`` or ``RANK_DEFICIENT`` every cotangent is NaN (per problem
+    under ``jax.vmap``); ``NONFINITE`` also makes ``x`` and ``y`` NaN, and the other
+    failures return the last iterate.
 
     Cost: each Newton trial point forms ``S`` (``O((n_x + n_w)^3)``, third derivatives of
     ``g``) and solves the lower level (dense, ``O(n_w^3)`` per inner step); use
@@ -543,9 +547,11 @@ def bilevel_layer(
       inner_max_iter: lower-level iteration limit (default: ``argmin``'s).
       ridge: ``ridge >= 0`` added to the backward system (``K``, or ``S`` in ``"schur"``
         mode); the result is then the push-back of the regularised system.
-      throw: raise :class:`~bilevel_jax.SolveError` if the status is not ``SUCCESS``, and
-        print a message when a backward linear solve does not converge (its cotangents are
-        then NaN).
+      throw: raise :class:`~bilevel_jax.SolveError` if the status is a failure (neither
+        ``SUCCESS`` nor ``RANK_DEFICIENT``); under ``jax.jit`` it arrives as the
+        ``jax.errors.JaxRuntimeError`` that ``SolveError`` subclasses. Off by default (see
+        :class:`~bilevel_jax.SolveError`); with ``throw`` a backward linear solve
+        that does not converge also prints a message (its cotangents are NaN).
 
     Returns:
       A :class:`BilevelSolution` ``(x, y, info)``.
@@ -599,7 +605,11 @@ def bilevel_layer(
         xf, w0, _ = problem.split(zeta0)
         xf, w, k, conv, inner_info = _FORWARD[solver](problem, inner, xf, w0, p, tol, max_iter)
         lam = _adjoint(problem, xf, w, p, "auto", throw)
-        return jnp.concatenate([xf, w, lam]), (k, conv, inner_info)
+        zeta = jnp.concatenate([xf, w, lam])
+        info = _make_info(problem, zeta, p, (k, conv, inner_info))
+        # NONFINITE data or iterates: NaN outputs (the policy of types.Status).
+        zeta = jnp.where(info.status == Status.NONFINITE, jnp.nan, zeta).astype(zeta.dtype)
+        return zeta, SolveAux(info)
 
     zeta0 = jnp.concatenate([x0f, y0f, jnp.zeros(problem.m + problem.nw, dtype)])
     zeta0 = jax.lax.stop_gradient(zeta0)
@@ -613,7 +623,7 @@ def bilevel_layer(
         adjoint = _saddle_adjoint(linear_solver, ridge, throw)
         zeta, aux = implicit_solution(solve, residual, adjoint, zeta0, params)
 
-    info = _make_info(problem, zeta, params, aux)
+    info = aux.info
     check_info(info, throw)
     xf, w, _ = problem.split(zeta)
     return BilevelSolution(unravel_x(xf), unravel_y(w[: problem.ny]), info)

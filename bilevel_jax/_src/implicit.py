@@ -10,6 +10,13 @@ cotangent. Every rule of the library goes through it:
   ``thetabar = -(dr/dtheta)^T u`` (one linear solve, one vector-Jacobian product of ``r``).
 * first-order rules (finite differences, penalty) supply their own ``backward``.
 
+**Failure policy (written once, here).** When the forward's ``aux`` has an ``info`` field
+(an :class:`~bilevel_jax._src.types.Info`, or any record with a ``status``), every cotangent
+returned for ``theta`` is replaced by NaN where the status is a failure (anything but
+``SUCCESS`` and ``RANK_DEFICIENT``): a failed solve never yields finite numbers that look like
+a hypergradient. The status is a per-problem scalar, so under ``jax.vmap`` each member of a
+batch is judged on its own. :class:`SolveAux` is the record the solution maps use.
+
 ``custom_vjp`` rules out forward mode (``jax.jvp``, ``jax.jacfwd``); use reverse mode.
 Callers must pass every differentiable value inside ``theta``: values a user function closes
 over are hoisted into ``theta`` with ``jax.closure_convert`` by the public entry points.
@@ -19,11 +26,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from bilevel_jax._src.tree import tree_negative, zero_cotangent
-from bilevel_jax._src.types import PyTree
+from bilevel_jax._src.types import PyTree, is_successful
+
+
+class SolveAux(NamedTuple):
+    """The ``aux`` of a solution map's forward: its diagnostics and what the backward reuses.
+
+    Attributes:
+      info: the solve's ``Info`` (or ``SaddleInfo``); its ``status`` gates the cotangents.
+      extra: anything the backward rule needs (a factorisation, multipliers), or ``None``.
+    """
+
+    info: Any
+    extra: Any = None
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -32,7 +53,9 @@ def custom_solution(solve: Callable, backward: Callable, z0: PyTree, theta: PyTr
 
     Args:
       solve: ``solve(z0, theta) -> (z, aux)``. ``aux`` (diagnostics, a factorisation to reuse
-        on the backward pass) is returned as is and is not differentiated.
+        on the backward pass) is returned as is and is not differentiated. If it has an
+        ``info`` field (e.g. a :class:`SolveAux`), a failed ``info.status`` makes the
+        cotangents NaN.
       backward: ``backward(zbar, z, theta, aux) -> thetabar``, a pytree like ``theta``.
       z0: the warm start; its cotangent is zero.
       theta: every differentiable input.
@@ -51,7 +74,26 @@ def _fwd(solve, backward, z0, theta):
 def _bwd(solve, backward, saved, cotangents):
     z0, z, theta, aux = saved
     zbar, _ = cotangents
-    return zero_cotangent(z0), backward(zbar, z, theta, aux)
+    return zero_cotangent(z0), nan_unless_successful(aux, backward(zbar, z, theta, aux))
+
+
+def nan_unless_successful(aux: Any, cotangent: PyTree) -> PyTree:
+    """NaN in every inexact leaf of ``cotangent`` unless ``aux.info.status`` is a success.
+
+    Leaves of dtype ``float0`` (integer inputs) pass through. Without ``aux.info`` the
+    cotangent is returned unchanged.
+    """
+    info = getattr(aux, "info", None)
+    if info is None:
+        return cotangent
+    ok = is_successful(info.status)
+
+    def leaf(a):
+        if getattr(a, "dtype", None) == jax.dtypes.float0:
+            return a
+        return jnp.where(ok, a, jnp.asarray(jnp.nan, a.dtype))
+
+    return jax.tree_util.tree_map(leaf, cotangent)
 
 
 custom_solution.defvjp(_fwd, _bwd)

@@ -38,8 +38,14 @@ import jax
 import jax.numpy as jnp
 
 from bilevel_jax._src import linear_solve as ls
-from bilevel_jax._src.implicit import implicit_solution
-from bilevel_jax._src.projections import cast_sets, check_set, flat_projector
+from bilevel_jax._src.implicit import SolveAux, implicit_solution
+from bilevel_jax._src.projections import (
+    cast_sets,
+    check_set,
+    check_set_data,
+    flat_projector,
+    sets_empty,
+)
 from bilevel_jax._src.tree import tree_all_finite
 from bilevel_jax._src.types import Array, PyTree, Status, check_info
 from bilevel_jax._src.validation import check_option, check_scalar_output, flatten_variables
@@ -474,7 +480,7 @@ def _adjoint_solve(method: str, structure: str, use_fact: bool, report: bool = F
     """The transposed saddle-point solve; NaN when an iterative solve does not converge."""
 
     def adjoint_solve(vjp_z, zbar, z, p, aux):
-        fact = aux[2]
+        fact = aux.extra
         if use_fact and fact is not None:
             return ls.solve_factorized(fact, zbar, transpose=True)
         sol = ls.linear_solve(vjp_z, zbar, method=method, structure=structure)
@@ -536,7 +542,15 @@ def saddle_point(
     negative or ``f_vv`` with a positive eigenvalue: ``f`` is not convex–concave there. A
     non-convex–concave problem therefore stops with ``DIVERGED``; it does not hang. (A
     first-order solver started exactly at a stationary point of such an ``f`` reports
-    ``SUCCESS``: it never moves.)
+    ``SUCCESS``: it never moves.) An empty set (``Box`` with ``lo > hi``, ``Simplex`` with a
+    negative budget, ``Ball`` with a negative radius, an inconsistent ``Affine``) is a
+    ``ValueError`` when its data are concrete and ``INFEASIBLE`` (with NaN outputs: there
+    is no point to return) when traced.
+
+    Failure policy (as for every entry point, see :class:`Status`): with a status other than
+    ``SUCCESS`` every cotangent is NaN (per problem under ``jax.vmap``); ``NONFINITE`` also
+    makes ``u`` and ``v`` NaN, and ``MAX_STEPS`` / ``DIVERGED`` return the last iterate.
+    ``hypergrad="unrolled"`` differentiates the steps it ran whatever the status.
 
     Cost: extragradient and OGDA use gradients of ``f`` only (two, resp. one, per step;
     linear convergence for strongly convex–strongly concave ``f``, ``O(1/k)`` for the
@@ -578,8 +592,11 @@ def saddle_point(
       ridge: ``ridge >= 0`` added to the backward system: the hypergradient is then that of
         ``f + ridge/2 ||u||^2 - ridge/2 ||v||^2`` linearised at the solution.
       gap_steps: inner steps per player of the duality-gap estimate in ``info.gap``.
-      throw: raise :class:`SolveError` if the status is not ``SUCCESS``, and print a message
-        when the backward linear solve does not converge (its cotangents are then NaN).
+      throw: raise :class:`SolveError` if the status is not ``SUCCESS``; under ``jax.jit``
+        it arrives as the ``jax.errors.JaxRuntimeError`` that ``SolveError`` subclasses.
+        Off by default so that sweeps report failures through the status (see
+        :class:`SolveError`); with ``throw`` a backward linear solve that does not
+        converge also prints a message (its cotangents are NaN).
 
     Returns:
       A :class:`SaddleSolution` ``(u, v, info)``; ``info`` is a :class:`SaddleInfo`, the
@@ -587,7 +604,8 @@ def saddle_point(
 
     Raises:
       ValueError, TypeError: at trace time, for bad options, shapes or sets (naming the
-        argument).
+        argument), or sets that are empty with concrete data.
+      SolveError: with ``throw=True``, on a failed status.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -617,6 +635,8 @@ def saddle_point(
     check_scalar_output(f, (u0, v0, theta), "f(u0, v0, theta)", "f(u, v, theta)")
     check_set(u_set, u0, "u_set", "u0")
     check_set(v_set, v0, "v_set", "v0")
+    check_set_data(u_set, "u_set")
+    check_set_data(v_set, "v_set")
     constrained = u_set is not None or v_set is not None
     n_u = u_flat0.shape[0]
     n = n_u + v_flat0.shape[0]
@@ -665,26 +685,31 @@ def saddle_point(
                 z, k, res, diverged, eta = run(op, proj, z_start, tol, max_iter, step_size)
                 extra, fact = (None, eta), None
             res0 = _norm(problem.natural_residual(z_start, p))
-            return z, ((k, res, res0, diverged), extra, fact)
+            stats = (k, res, res0, diverged)
+            info = _make_info(problem, z, stats, tol, (z_start, p[:2]), p, gap_steps, extra)
+            # NONFINITE data or iterates: NaN outputs (the policy of types.Status).
+            z = jnp.where(info.status == Status.NONFINITE, jnp.nan, z).astype(z.dtype)
+            return z, SolveAux(info, fact)
 
         structure = "general" if constrained else "symmetric"
         use_fact = solver == "newton" and linear_solver == "auto" and not ridge
-        z, (stats, extra, _) = implicit_solution(
+        z, aux = implicit_solution(
             solve,
             problem.implicit_residual(ridge),
             _adjoint_solve(linear_solver, structure, use_fact, throw),
             z0,
             params,
         )
+        info = aux.info
     else:
+        # The unrolled rule differentiates the steps it ran, whatever the status.
         z_start = problem.project(z0, params)
         z, eta = _unrolled(problem, z_start, params, solver, max_iter, step_size)
         res = _norm(problem.natural_residual(z, params))
         res0 = _norm(problem.natural_residual(z_start, params))
         stats = (max_iter, res, res0, res > DIVERGENCE_FACTOR * (1 + res0))
-        extra = (None, eta)
-
-    info = _make_info(problem, z, stats, tol, (z0, params[:2]), params, gap_steps, extra)
+        info = _make_info(problem, z, stats, tol, (z0, params[:2]), params, gap_steps,
+                          (None, eta))
     check_info(info, throw)
     u, v = problem.split(z)
     return SaddleSolution(unravel_u(u), unravel_v(v), info)
@@ -712,11 +737,15 @@ def _make_info(problem, z, stats, tol, inputs, params, gap_steps, extra):
     status = jnp.where(conv, Status.SUCCESS, Status.MAX_STEPS)
     status = jnp.where(diverged | ~curvature_ok, Status.DIVERGED, status)
     status = jnp.where(finite, status, Status.NONFINITE)
-    gap = jnp.where(finite, _gap(problem, z, params, gap_steps, lips), jnp.inf)
+    # An empty set (traced data; concrete data raised at trace time): NaN projections, and no
+    # saddle point to find.
+    empty = sets_empty(params[2]) | sets_empty(params[3])
+    status = jnp.where(empty, Status.INFEASIBLE, status)
+    gap = jnp.where(finite & ~empty, _gap(problem, z, params, gap_steps, lips), jnp.inf)
     return SaddleInfo(
         jnp.asarray(k, jnp.int32),
         jnp.asarray(res),
-        jnp.asarray(conv & finite & curvature_ok & ~diverged, bool),
+        jnp.asarray(conv & finite & curvature_ok & ~diverged & ~empty, bool),
         jnp.asarray(status, jnp.int32),
         jnp.asarray(gap),
     )

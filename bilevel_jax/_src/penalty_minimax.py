@@ -38,7 +38,14 @@ from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src import minimax
-from bilevel_jax._src.projections import Box, cast_sets, check_set, project
+from bilevel_jax._src.projections import (
+    Box,
+    cast_sets,
+    check_set,
+    check_set_data,
+    project,
+    sets_empty,
+)
 from bilevel_jax._src.tree import tree_all_finite
 from bilevel_jax._src.types import Array, Info, PyTree, Status, check_info, make_info
 from bilevel_jax._src.validation import flatten_variables
@@ -552,8 +559,10 @@ def penalty_bilevel_minimax(
     ``O(sigma)`` per stage.
 
     Status: ``SUCCESS`` (epsilon-KKT reached), ``MAX_STEPS`` (not reached by the last stage;
-    ``info.residual`` says how far), ``NONFINITE``, or ``DIVERGED`` (the inner solver
-    diverged).
+    ``info.residual`` says how far), ``NONFINITE``, ``DIVERGED`` (the inner solver
+    diverged) or ``INFEASIBLE`` (an empty set given by traced data, e.g. ``Box(lo, hi)``
+    with ``lo > hi``; concrete empty sets are a ``ValueError``). Not differentiated: the
+    outputs are the last iterate whatever the status (see :class:`bilevel_jax.Status`).
 
     Cost: each GDmax iteration costs ``ascent_steps + 1`` gradients of ``P``; the iteration
     count grows like ``rho`` (the condition number of the penalised problem), so each stage
@@ -661,6 +670,9 @@ def penalty_bilevel_minimax(
         raise ValueError("x2_set was given but x2_0 is None (no upper-level maximiser).")
     check_set(y1_set, y1_0, "y1_set", "y1_0")
     check_set(y2_set, y2_0, "y2_set", "y2_0")
+    for name, sets in (("x1_set", x1_set), ("x2_set", x2_set), ("y1_set", y1_set),
+                       ("y2_set", y2_set)):
+        check_set_data(sets, name)  # concrete empty sets: ValueError; traced: INFEASIBLE
     tol = (1e-6 if jnp.finfo(dtype).bits >= 64 else 1e-3) if tol is None else tol
 
     sizes = [ravel_pytree(t)[0].shape[0] for t in v_tree0]
@@ -713,7 +725,9 @@ def penalty_bilevel_minimax(
     status = jnp.where(done, Status.SUCCESS, Status.MAX_STEPS)
     status = jnp.where(bad, Status.DIVERGED, status)
     status = jnp.where(finite, status, Status.NONFINITE)
-    info = make_info(steps, residual, done & finite & ~bad, status)
+    empty = sets_empty(pen.u_sets) | sets_empty(pen.v_sets)
+    status = jnp.where(empty, Status.INFEASIBLE, status)
+    info = make_info(steps, residual, done & finite & ~bad & ~empty, status)
     check_info(info, throw)
     x1, y1, y2 = unravel_u(u)
     x2, z1, z2 = unravel_v(v)

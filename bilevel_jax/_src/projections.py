@@ -26,6 +26,12 @@ constraint), one set, applied to the whole variable (a pytree is flattened in
 sets and ``None`` with the structure of a prefix of the variable's pytree (a product set),
 e.g. ``(Box(0.0, 1.0), None)`` for a variable ``(a, b)``. Any pytree with a ``project`` method
 is accepted as a set.
+
+Empty sets (``Box`` with some ``lo > hi``, ``Simplex`` with ``total < 0``, ``Ball`` with
+``radius < 0``, ``Halfspace`` with ``a = 0`` and ``b < 0``) have no projection. Each set has
+an ``empty()`` method (a boolean array, traceable); ``project`` raises ``ValueError`` when the
+set's data are concrete and empty, and returns NaN when they are traced and empty, and the
+solvers that take sets report ``Status.INFEASIBLE``.
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from bilevel_jax._src.types import Array, ArrayLike, PyTree
+from bilevel_jax._src.types import Array, ArrayLike, PyTree, concrete_or_none
 
 __all__ = [
     "Affine",
@@ -47,13 +54,33 @@ __all__ = [
     "NonNegative",
     "Simplex",
     "check_set",
+    "check_set_data",
     "is_set",
     "project",
+    "sets_empty",
 ]
 
 
 def _as(value, z):
     return jnp.asarray(value, dtype=z.dtype)
+
+
+def _nonempty(s, out: Array, name: str = "set") -> Array:
+    """Raise if ``s`` is concretely empty; NaN in ``out`` where a traced ``s`` is empty."""
+    _raise_if_empty(s, name)
+    return jnp.where(s.empty(), jnp.asarray(jnp.nan, out.dtype), out)
+
+
+def _raise_if_empty(s, name: str) -> None:
+    """``ValueError`` naming the data when ``s.empty()`` is concretely ``True``."""
+    if not callable(getattr(s, "empty", None)):
+        return
+    with jax.ensure_compile_time_eval():
+        empty = concrete_or_none(s.empty())
+    if empty is not None and bool(np.any(empty)):
+        describe = getattr(s, "describe_empty", None)
+        reason = describe() if callable(describe) else f"{type(s).__name__} is empty."
+        raise ValueError(f"{name}: {reason}")
 
 
 class Box(NamedTuple):
@@ -64,7 +91,8 @@ class Box(NamedTuple):
 
     Attributes:
       lo: lower bound (default ``-inf``).
-      hi: upper bound (default ``+inf``); ``lo <= hi`` is assumed, not checked.
+      hi: upper bound (default ``+inf``). ``lo > hi`` anywhere makes the box empty: a
+        ``ValueError`` from ``project`` when concrete, NaN when traced.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -81,7 +109,19 @@ class Box(NamedTuple):
         lo, hi = _as(self.lo, z), _as(self.hi, z)
         # where (not clip) so that the derivative at a tie is exactly 0 or 1, never 1/2.
         out = jnp.where(z < lo, lo, jnp.where(z > hi, hi, z))
-        return jnp.broadcast_to(out, jnp.broadcast_shapes(z.shape, lo.shape, hi.shape))
+        out = jnp.broadcast_to(out, jnp.broadcast_shapes(z.shape, lo.shape, hi.shape))
+        return _nonempty(self, out, "Box")
+
+    def empty(self) -> Array:
+        """Whether some ``lo > hi`` (NaN bounds do not count)."""
+        return jnp.any(jnp.asarray(self.lo) > jnp.asarray(self.hi))
+
+    def describe_empty(self) -> str:
+        """The reason the box is empty, for error messages."""
+        lo, hi = np.broadcast_arrays(np.asarray(self.lo), np.asarray(self.hi))
+        i = np.flatnonzero(lo > hi)[0]
+        return (f"Box has lo > hi (lo = {lo.ravel()[i]}, hi = {hi.ravel()[i]} at flat index "
+                f"{i}); the set is empty.")
 
 
 class NonNegative(NamedTuple):
@@ -98,15 +138,21 @@ class NonNegative(NamedTuple):
         z = jnp.asarray(z)
         return jnp.where(z < 0, jnp.zeros_like(z), z)
 
+    def empty(self) -> Array:
+        """Never empty."""
+        return jnp.asarray(False)
+
 
 class Simplex(NamedTuple):
-    """The (budget) simplex ``{x : x >= 0, sum(x) = total}``, ``total > 0``.
+    """The (budget) simplex ``{x : x >= 0, sum(x) = total}``, ``total >= 0``.
 
     The projection is ``max(z - tau, 0)`` with ``tau`` chosen so that the entries sum to
     ``total``, found by sorting ``z`` (Held, Wolfe and Crowder, 1974; Duchi et al., 2008).
 
     Attributes:
-      total: the budget ``beta > 0`` (default 1: the probability simplex).
+      total: the budget ``beta >= 0`` (default 1: the probability simplex; ``0`` gives the
+        single point ``0``). A negative budget makes the set empty: a ``ValueError`` from
+        ``project`` when concrete, NaN when traced.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -132,14 +178,24 @@ class Simplex(NamedTuple):
         # Number of entries in the support (>= 1 since total > 0); robust to rounding.
         k = jnp.max(jnp.where(support, jnp.arange(1, x.shape[0] + 1), 1))
         tau = cumsum[k - 1] / k.astype(x.dtype)
-        return jnp.where(x > tau, x - tau, jnp.zeros_like(x)).reshape(z.shape)
+        out = jnp.where(x > tau, x - tau, jnp.zeros_like(x)).reshape(z.shape)
+        return _nonempty(self, out, "Simplex")
+
+    def empty(self) -> Array:
+        """Whether ``total < 0``."""
+        return jnp.any(jnp.asarray(self.total) < 0)
+
+    def describe_empty(self) -> str:
+        """The reason the simplex is empty, for error messages."""
+        return f"Simplex needs total >= 0, got {np.asarray(self.total)}; the set is empty."
 
 
 class Ball(NamedTuple):
     """The Euclidean ball ``{x : ||x - center|| <= radius}`` (Frobenius norm for arrays).
 
     Attributes:
-      radius: ``r >= 0``.
+      radius: ``r >= 0``; a negative radius makes the ball empty: a ``ValueError`` from
+        ``project`` when concrete, NaN when traced.
       center: the centre (default 0), broadcast against the projected array.
 
     Examples:
@@ -160,11 +216,22 @@ class Ball(NamedTuple):
         norm = jnp.sqrt(jnp.sum(d * d))
         outside = norm > radius
         scale = jnp.where(outside, radius / jnp.where(outside, norm, 1), 1)
-        return jnp.broadcast_to(center + scale * d, z.shape)
+        return _nonempty(self, jnp.broadcast_to(center + scale * d, z.shape), "Ball")
+
+    def empty(self) -> Array:
+        """Whether ``radius < 0``."""
+        return jnp.any(jnp.asarray(self.radius) < 0)
+
+    def describe_empty(self) -> str:
+        """The reason the ball is empty, for error messages."""
+        return f"Ball needs radius >= 0, got {np.asarray(self.radius)}; the set is empty."
 
 
 class Halfspace(NamedTuple):
     """The halfspace ``{x : a'x <= b}`` on the flattened array (``a`` nonzero).
+
+    ``a = 0`` gives the whole space when ``b >= 0`` (the projection is then NaN: ``a`` must
+    be nonzero) and the empty set when ``b < 0``.
 
     Attributes:
       a: normal vector with as many entries as the projected array.
@@ -186,14 +253,23 @@ class Halfspace(NamedTuple):
         a = _as(self.a, x).ravel()
         excess = a @ x - _as(self.b, x)
         step = jnp.where(excess > 0, excess, jnp.zeros_like(excess)) / (a @ a)
-        return (x - step * a).reshape(z.shape)
+        return _nonempty(self, (x - step * a).reshape(z.shape), "Halfspace")
+
+    def empty(self) -> Array:
+        """Whether ``a = 0`` and ``b < 0``."""
+        return jnp.all(jnp.asarray(self.a) == 0) & jnp.any(jnp.asarray(self.b) < 0)
+
+    def describe_empty(self) -> str:
+        """The reason the halfspace is empty, for error messages."""
+        return f"Halfspace has a = 0 and b = {np.asarray(self.b)} < 0; the set is empty."
 
 
 class Affine(NamedTuple):
     """The affine set ``{x : A x = b}`` on the flattened array.
 
     The projection ``z - A^+ (A z - b)`` uses the pseudo-inverse, so linearly dependent rows
-    are allowed (an inconsistent system projects onto the least-squares solutions).
+    are allowed. An inconsistent system (the set is empty) projects onto the least-squares
+    solutions; ``empty()`` reports it, and solvers taking this set then say ``INFEASIBLE``.
 
     Attributes:
       A: matrix of shape ``(m, n)``, ``n`` the size of the projected array.
@@ -215,6 +291,19 @@ class Affine(NamedTuple):
         A = _as(self.A, x)
         b = _as(self.b, x)
         return (x - jnp.linalg.pinv(A) @ (A @ x - b)).reshape(z.shape)
+
+    def empty(self) -> Array:
+        """Whether ``A x = b`` is inconsistent: ``||A A^+ b - b|| > sqrt(eps) (1 + ||b||)``."""
+        A = jnp.asarray(self.A)
+        if not jnp.issubdtype(A.dtype, jnp.inexact):
+            A = A.astype(float)
+        b = jnp.asarray(self.b, A.dtype)
+        miss = jnp.linalg.norm(A @ (jnp.linalg.pinv(A) @ b) - b)
+        return miss > jnp.sqrt(jnp.finfo(A.dtype).eps) * (1 + jnp.linalg.norm(b))
+
+    def describe_empty(self) -> str:
+        """The reason the affine set is empty, for error messages."""
+        return "Affine has an inconsistent system A x = b; the set is empty."
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +344,26 @@ def project(sets: PyTree, tree: PyTree) -> PyTree:
     if _is_node(sets):
         return _project_one(sets, tree)
     return jax.tree_util.tree_map(_project_one, sets, tree, is_leaf=_is_node)
+
+
+def sets_empty(sets: PyTree) -> Array:
+    """Whether any set of a set argument is empty (sets without ``empty()`` count as not)."""
+    if sets is None:
+        return jnp.asarray(False)
+    leaves = jax.tree_util.tree_leaves(sets, is_leaf=_is_node) if not _is_node(sets) else [sets]
+    flags = [jnp.any(s.empty()) for s in leaves
+             if s is not None and callable(getattr(s, "empty", None))]
+    return jnp.any(jnp.stack(flags)) if flags else jnp.asarray(False)
+
+
+def check_set_data(sets: PyTree, name: str) -> None:
+    """Raise ``ValueError`` if a set of the argument ``name`` is empty with concrete data."""
+    if sets is None:
+        return
+    leaves = jax.tree_util.tree_leaves(sets, is_leaf=_is_node) if not _is_node(sets) else [sets]
+    for s in leaves:
+        if s is not None:
+            _raise_if_empty(s, name)
 
 
 def cast_sets(sets: PyTree, dtype) -> PyTree:

@@ -1327,7 +1327,10 @@ def solve_qp(
     derivative. Failures are reported in ``info.status``: ``INFEASIBLE`` (a Farkas
     certificate from the diverging multipliers, or an ``h_i = -inf``), ``UNBOUNDED`` (a
     direction of unbounded descent), ``MAX_STEPS`` (with the residual reached), ``NONFINITE``
-    (non-finite data or iterate; outputs keep the last finite iterate).
+    (non-finite data: NaN outputs; a non-finite iterate: outputs keep the last finite
+    iterate). Failure policy (as for every entry point, see :class:`~bilevel_jax.Status`):
+    with a status other than ``SUCCESS`` every cotangent is NaN (per problem under
+    ``jax.vmap``), never a finite number that looks like a hypergradient.
 
     Cost: ``n^3/3 + n^2 (p + k)`` once (Cholesky of ``Q``, then ``W``), then per iteration a
     Cholesky of size ``p + k`` and matrix-vector products (typically 8-15 iterations), the
@@ -1357,7 +1360,9 @@ def solve_qp(
       mu: barrier parameter of ``"relaxed"`` (default 1e-3), absolute: ``lam_i s_i = mu``.
       polish: run the active-set polish step.
       init: optional warm start ``(y, nu, lam)`` (no gradient flows to it).
-      throw: raise :class:`~bilevel_jax.SolveError` if the status is not ``SUCCESS``.
+      throw: raise :class:`~bilevel_jax.SolveError` if the status is not ``SUCCESS``; under
+        ``jax.jit`` it arrives as the ``jax.errors.JaxRuntimeError`` that ``SolveError``
+        subclasses. Off by default (see :class:`~bilevel_jax.SolveError`).
 
     Returns:
       A :class:`QPSolution` ``(y, nu, lam, info)`` in the dtype of the data.
