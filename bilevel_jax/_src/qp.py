@@ -9,14 +9,20 @@ KKT conditions, with multipliers ``nu`` (free) and ``lam >= 0``, are
 
     Q y + c + A'nu + G'lam = 0 ,   A y = b ,   G y <= h ,   lam >= 0 ,   lam_i (h - G y)_i = 0 .
 
-Forward: a primal-dual interior-point method (Mehrotra predictor-corrector) on the slack form
-``G y + s = h``, ``s >= 0``. ``Q`` is factorised once (Cholesky) and the Newton matrix
-``[Q, A', G'; A, 0, 0; G, 0, -diag(s / lam)]`` is solved through its Schur complement on the
-constraints, ``C Q^-1 C' + diag(0, s / lam)`` (``C = [A; G]``): one Cholesky factorisation of
-size ``p + k`` per iteration, shared by the predictor and the corrector. Then a *polish*
+Forward: a homogeneous self-dual primal-dual interior-point method (Mehrotra
+predictor-corrector) on the slack form ``G y + s = h``, ``s >= 0``, run on a copy of the
+problem equilibrated by Ruiz's iteration (rows and columns of ``[Q, C'; C, 0]`` brought to
+unit max-norm, plus a cost scale). The homogeneous embedding detects infeasible and unbounded
+problems by certificates instead of iterating to the step limit. ``Q + delta I`` is factorised
+once (Cholesky; ``delta`` at rounding level, or ``sqrt(eps)`` relative when ``Q`` is singular
+or nearly so, as in LPs, with iterative refinement against the exact matrix) and the Newton
+matrix ``[Q, A', G'; A, 0, 0; G, 0, -diag(s / lam)]`` is solved through its Schur complement on
+the constraints, ``C Q^-1 C' + diag(0, s / lam)`` (``C = [A; G]``): one Cholesky factorisation
+of size ``p + k`` per iteration, shared by the three solves of an iteration. Then a *polish*
 step solves the equality KKT system on the identified active set (a few primal-dual
-active-set corrections if the first guess is infeasible), which
-makes ``(y, nu, lam)`` exact to rounding and inactive multipliers exactly 0.
+active-set corrections if the first guess is infeasible), which makes ``(y, nu, lam)`` exact
+to rounding and inactive multipliers exactly 0. Stopping tests, statuses and
+``info.residual`` are measured on the original (unscaled) data.
 
 Hypergradients (reverse mode, with respect to all of ``Q, c, A, b, G, h``):
 
@@ -1278,38 +1284,42 @@ def solve_qp(
     KKT conditions: ``Q y + c + A'nu + G'lam = 0``, ``A y = b``, ``G y <= h``, ``lam >= 0``,
     ``lam * (h - G y) = 0``. Only the symmetric part of ``Q`` matters (and gets the gradient).
 
-    **Forward.** Mehrotra predictor-corrector interior-point method on ``G y + s = h``.
-    ``Q + delta I`` is factorised once (Cholesky; ``delta`` at rounding level, larger for a
-    singular ``Q``) together with ``W = C Q^-1 C'`` (``C = [A; G]``); each iteration then
-    solves the Newton matrix ``[Q, A', G'; A, 0, 0; G, 0, -diag(s/lam)]`` through its Schur
-    complement ``W + diag(0, s/lam)``, one Cholesky factorisation of size ``p + k`` for both
-    predictor and corrector (the constraint-side complement stays well conditioned as
-    ``s/lam`` spreads, unlike ``Q + G'diag(lam/s)G``); a tiny regularisation of the
-    complement handles a rank-deficient ``A``. It stops when the relative primal, dual and
-    complementarity residuals are below ``tol``, or on an infeasibility certificate. With
-    ``polish=True`` the equality KKT system on ``I = {lam_i > s_i}`` is then solved, with up
-    to three primal-dual active-set corrections of ``I`` (add violated rows, drop negative
+    **Forward.** Homogeneous self-dual interior point (Mehrotra predictor-corrector) on
+    ``G y + s = h``, run on a Ruiz-equilibrated copy of the problem. ``Q + delta I`` is
+    factorised once (Cholesky) together with ``W = C Q^-1 C'`` (``C = [A; G]``); each
+    iteration solves the Newton matrix ``[Q, A', G'; A, 0, 0; G, 0, -diag(s/lam)]`` through
+    its Schur complement ``W + diag(0, s/lam)``, one Cholesky factorisation of size ``p + k``.
+    ``delta`` is at rounding level for a well-conditioned ``Q``; a singular or nearly
+    singular ``Q`` (LPs, lasso-like QPs) gets ``delta = sqrt(eps)`` (relative) and every solve
+    is refined against the exact matrix (a proximal interior point, exact at convergence);
+    float32 solves always take one refinement step. It stops when the relative primal, dual
+    and complementarity residuals of the *original* data are below ``tol``, on an
+    infeasibility or unboundedness certificate of the homogeneous embedding (``tau -> 0 <
+    kappa``), or when the residual has stalled below ``sqrt(tol)`` (the best iterate is kept).
+    With ``polish=True`` the equality KKT system on ``I = {lam_i > s_i}`` is then solved, with
+    up to three primal-dual active-set corrections of ``I`` (add violated rows, drop negative
     multipliers) near degenerate points; the result is accepted only if primal and dual
-    feasible and not worse, and makes ``y``, ``nu``, ``lam`` exact to rounding and inactive
-    ``lam_i`` exactly 0.
+    feasible to ``tol`` and not worse, and makes ``y``, ``nu``, ``lam`` exact to rounding and
+    inactive ``lam_i`` exactly 0.
     An ``h_i = +inf`` means "no constraint": the row is masked out of every iteration and
     backward system (its multiplier and cotangents are exactly 0).
 
     **Backward** (``hypergrad``):
 
     * ``"implicit"`` (exact): implicit function theorem on the active-set KKT system, in the
-      static-shape masked form ``K = [Q, A', G'M; A, -eps I, 0; MG, 0, -(I-M) - eps M]``
-      with ``eps = ridge``, solved through the forward pass's factorisation of ``Q`` (a
-      Cholesky factorisation of size ``p + k`` and one refinement step). With ``(w, mu)``
-      the solution of ``K [w; mu_E; mu_I] = [ybar; nubar; lambar]`` the gradients are those of
-      OptNet: ``cbar = -w``, ``Qbar = -(w y' + y w')/2``, ``bbar = mu_E``,
-      ``Abar = -(nu w' + mu_E y')``, ``hbar_I = mu_I``, ``Gbar_I = -(lam_I w' + mu_I y')``,
-      zero for inactive rows. Active rows: ``h_i - G_i y <= sqrt(tol) (1 + max(|h|, |Gy|))``
-      *and* ``lam_i > sqrt(tol) (1 + max|lam|)``. **Weakly active rows** (active with a zero
-      multiplier, where ``y*`` is not differentiable) are therefore *dropped*: the value
-      returned is the one-sided derivative along perturbations that make those rows
-      inactive, an element of the Clarke generalised Jacobian. ``ridge > 0`` keeps the
-      gradient finite when active rows are linearly dependent (LICQ fails).
+      static-shape masked form ``K = [Q, A', G'M; A, -eps I, 0; MG, 0, -(I-M) - eps M]`` with
+      ``eps = ridge`` (in equilibrated units), solved through the forward pass's factorisation
+      of ``Q`` (a Cholesky factorisation of size ``p + k`` and one refinement step). With ``(w,
+      mu)`` the solution of ``K [w; mu_E; mu_I] = [ybar; nubar; lambar]`` the gradients are
+      those of OptNet: ``cbar = -w``, ``Qbar = -(w y' + y w')/2``, ``bbar = mu_E``, ``Abar =
+      -(nu w' + mu_E y')``, ``hbar_I = mu_I``, ``Gbar_I = -(lam_I w' + mu_I y')``, zero for
+      inactive rows. Active rows (the one rule shared with ``argmin``, each row taken per unit
+      norm ``|G_i|``): ``(h_i - G_i y) / |G_i| <= sqrt(tol) (1 + max_j max(|h_j|, |G_j y|) /
+      |G_j|)`` *and* ``lam_i |G_i| > sqrt(tol) (1 + max_j lam_j |G_j|)``. **Weakly active rows**
+      (active with a zero multiplier, where ``y*`` is not differentiable) are therefore
+      *dropped*: the value returned is the one-sided derivative along perturbations that make
+      those rows inactive, an element of the Clarke generalised Jacobian. ``ridge > 0`` keeps
+      the gradient finite when active rows are linearly dependent (LICQ fails).
     * ``"relaxed"``: implicit function theorem on the central-path system
       ``lam_i (h - G y)_i = mu`` at the point that Newton's method finds for this ``mu`` from
       the QP solution (computed on the backward pass), as qpax does: smooth and informative
