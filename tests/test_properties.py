@@ -37,46 +37,15 @@ import reference as ref_mod
 # ------------------------------------------------------------------ known failures (one place)
 
 KNOWN_FAILURES = {
-    # --- solve_qp, float64
-    "qp-float64-scaled-answers": "row/column-scaled data (1e-4..1e4): y exact, but the "
-                                 "hypergradient is O(1) off at SUCCESS (the backward pass "
-                                 "classifies active rows with thresholds that are not scale "
-                                 "invariant)",
-    "qp-float64-infeasible-nan": "finite gradient through an INFEASIBLE result (defect 4)",
-    "qp-float64-unbounded-nan": "finite gradient through an UNBOUNDED result (defect 4)",
-    "qp-float64-nonfinite-nan": "finite gradient with NaN/inf data (defect 4)",
-    # --- solve_qp, float32
     "qp-float32-small_margin-answers": "multipliers/slacks 1e-5..1e-3: y 2e-3 off and "
                                        "hypergradients O(1) off at SUCCESS (active set "
                                        "misidentified at float32 tolerance)",
-    "qp-float32-small_margin-solved": "MAX_STEPS on a solvable small-margin QP",
-    "qp-float32-small_margin-nan": "finite gradient with MAX_STEPS (defect 4)",
-    "qp-float32-scaled-answers": "as in float64, plus y errors",
-    "qp-float32-scaled-status": "UNBOUNDED on a scaled, strictly convex, solvable QP",
-    "qp-float32-scaled-solved": "MAX_STEPS/UNBOUNDED on scaled data",
     "qp-float32-singular_psd-answers": "y 4e-3 and d/dQ 3e-2 off at SUCCESS (condition "
                                        "number 1.6e3)",
     "qp-float32-lp-answers": "LPs: y 1.3e-3 off, d/dQ (exactly 0) up to 4x the gradient's "
                              "size at SUCCESS (condition numbers 50..500)",
-    "qp-float32-infeasible-nan": "finite gradient through an INFEASIBLE result (defect 4)",
-    "qp-float32-unbounded-nan": "finite gradient through an UNBOUNDED result (defect 4)",
-    "qp-float32-nonfinite-nan": "finite gradient with NaN/inf data (defect 4)",
-    # --- argmin
     "argmin-ineq-small_margin": "argmin(ineq=) y 1.4e-5 off the reference (and solve_qp) at "
                                 "SUCCESS when a multiplier is ~1e-5 (defect 1's class)",
-    "box-float64-box_infeasible-answers": "argmin(box=) with lo > hi returns SUCCESS (defect 3)",
-    "box-float32-box_infeasible-answers": "argmin(box=) with lo > hi returns SUCCESS (defect 3)",
-    "box-large-float32": "float32 matrix-free box rule at 10^4 variables: 4.9e-2 relative "
-                         "hypergradient error at SUCCESS (defect 2)",
-    "argmin-box-lo-gt-hi": "argmin(box=) with lo > hi: SUCCESS, y = 0 (defect 3)",
-    "nan-argmin": "NaN theta: y = y0 and a finite cotangent (defect 4)",
-    "nan-argmin-ineq": "NaN theta: finite cotangent (defect 4)",
-    "nan-argmin-box": "NaN theta: finite cotangent (defect 4)",
-    # --- saddle_point
-    "saddle-set-simplex-negative": "Simplex(-1.0) gives SUCCESS (defect 3)",
-    "saddle-set-box-lo-gt-hi": "Box(1.0, 0.0) gives SUCCESS (defect 3)",
-    "nan-saddle": "NaN theta: finite cotangent (defect 4)",
-    "nan-saddle-box": "NaN theta: finite cotangent (defect 4)",
 }
 
 

@@ -827,11 +827,16 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
             tau + t * dtau, kappa + t * dkappa,
         )
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in new])) & (new[4] > 0)
-        # A non-finite step keeps the last finite iterate and stops.
+        # A non-finite step keeps the last finite iterate and stops; the homogeneous iterate
+        # overflows on infeasible or unbounded problems, so that iterate is tested for a
+        # certificate first.
         old = (y, nu, lam, s, tau, kappa)
         y, nu, lam, s, tau, kappa = (jnp.where(finite, a, o) for a, o in zip(new, old, strict=True))
         flag, residual = classify(y, nu, lam, s, tau, kappa)
-        flag = jnp.where(finite, flag, _NONFINITE)
+        no = jnp.zeros((), bool)
+        pinf, dinf = lax.cond(finite, lambda *_: (no, no), certificates, y, nu, lam, s)
+        stop = jnp.where(pinf, _PINF, jnp.where(dinf, _DINF, _NONFINITE))
+        flag = jnp.where(finite, flag, stop)
         return it + finite.astype(it.dtype), y, nu, lam, s, tau, kappa, flag, residual
 
     # The best point so far (lowest residual) is kept: near the attainable accuracy the
