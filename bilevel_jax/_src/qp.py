@@ -622,15 +622,25 @@ def _solve_original(pre: _Prepared, sc: _Scaling, m, e, r, delta=None, steps=1, 
 
     ``ridge`` is added to the multiplier diagonal of the masked rows in *equilibrated* units
     (``e^ = E^2 e / sigma + ridge m``), so that its relative effect is the same on every row
-    whatever the scaling of the data.
+    whatever the scaling of the data. The solution is NaN when, after the refinement steps,
+    its normwise backward error on the equilibrated system exceeds ``sqrt(eps)`` (a singular
+    or too ill-conditioned system, e.g. a reduced Hessian that is singular on the identified
+    active set): a hypergradient that cannot be trusted is not returned as a number.
     """
     D, E, sigma = sc
     root = jnp.sqrt(sigma)
     s1, s2 = root * D, E / root
     e_hat = e * E**2 / sigma + jnp.asarray(ridge, e.dtype) * m
     chol_s = _factor(pre, m, e_hat, delta)
-    x1, x2 = _kkt_solve(pre, chol_s, m, e_hat, (s1 * r[0], s2 * r[1]), steps + pre.refine)
-    return s1 * x1, s2 * x2
+    r_hat = (s1 * r[0], s2 * r[1])
+    x1, x2 = _kkt_solve(pre, chol_s, m, e_hat, r_hat, steps + pre.refine)
+    a1, a2 = _kkt_apply(pre, m, e_hat, (x1, x2))
+    res, r1_, r2_, x1_, x2_, q_, c_, e_ = _amaxes(
+        jnp.concatenate([a1 - r_hat[0], a2 - r_hat[1]]), *r_hat, x1, x2, pre.Q, pre.C, e_hat
+    )
+    scale = jnp.maximum(r1_, r2_) + (q_ + c_) * jnp.maximum(x1_, x2_) + e_ * x2_
+    ok = res <= jnp.sqrt(jnp.finfo(x1.dtype).eps) * scale
+    return jnp.where(ok, s1 * x1, jnp.nan), jnp.where(ok, s2 * x2, jnp.nan)
 
 
 def _active_system(p, mask, ridge, dtype):
@@ -735,7 +745,7 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
     Q, c, A, b, G, h = qp
     dtype = Q.dtype
     p = A.shape[0]
-    eps_inf = (0.1 * jnp.sqrt(jnp.maximum(tol, 1e-8))).astype(dtype)
+    eps_inf = jnp.asarray(10 * tol, dtype)  # relative accuracy of a certificate
     vf = valid.astype(dtype)
     k_eff = jnp.sum(vf) + 1
     d = jnp.concatenate([b, vf * h])
