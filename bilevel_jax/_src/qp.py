@@ -746,6 +746,10 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
     dtype = Q.dtype
     p = A.shape[0]
     eps_inf = jnp.asarray(10 * tol, dtype)  # relative accuracy of a certificate
+    # The iteration aims below tol (a stall near the attainable accuracy ends it): at a
+    # residual of just tol, multipliers and slacks of size ~sqrt(tol) are not yet told apart,
+    # and the polish then starts from an ambiguous active set (float32 small-margin QPs).
+    target = 1e-2 * tol
     vf = valid.astype(dtype)
     k_eff = jnp.sum(vf) + 1
     d = jnp.concatenate([b, vf * h])
@@ -769,7 +773,7 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
         no = jnp.zeros((), bool)
         pinf, dinf = lax.cond(kappa > tau, certificates, lambda *_: (no, no), y, nu, lam, s)
         flag = jnp.where(pinf, _PINF, jnp.where(dinf, _DINF, _RUNNING))
-        return jnp.where(residual <= tol, _CONVERGED, flag), residual
+        return jnp.where(residual <= target, _CONVERGED, flag), residual
 
     def to_boundary(x, dx):
         return jnp.where(dx < 0, -x / jnp.where(dx < 0, dx, -1), 1)
@@ -883,7 +887,7 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
     return _IPMOut(y, nu, jnp.where(valid, lam, 0), s, it, flag, residual)
 
 
-def _polish(qp: _QP, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max_rounds=4):
+def _polish(qp: _QP, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max_rounds=8):
     """Solve the equality KKT system on a guessed active set (scaled problem).
 
     The first guess is ``I = {lam_i > s_i}`` at the interior point. A guess is accepted when
@@ -972,12 +976,14 @@ def _forward(theta, init, warm, polish, ridge, tol, max_iter):
     ok = polish & ok & (residual_p <= jnp.maximum(residual, tol))
     z = tuple(jnp.where(ok, a, b) for a, b in zip(z_p, z, strict=True))
     residual = jnp.where(ok, residual_p, residual)
-    # Status: non-finite data or iterate > nonconvex > infeasible (certificate or h_i = -inf) >
-    # unbounded > converged (residual of the returned point) > max steps.
+    # Status: non-finite data > nonconvex > infeasible (certificate or h_i = -inf) >
+    # unbounded > converged (residual of the returned, best point) > non-finite iterate (the
+    # homogeneous iterate overflowed with no certificate) > max steps.
     finite = jnp.all(jnp.isfinite(jnp.stack(list(sc)))) & ~jnp.any(jnp.isnan(h))
-    finite = finite & ((out.flag != _NONFINITE) & jnp.isfinite(residual) | ~pre.convex)
-    infeasible = (out.flag == _PINF) | jnp.any(h == -jnp.inf)
     converged = residual <= tol
+    overflow = (out.flag == _NONFINITE) | ~jnp.isfinite(residual)
+    finite = finite & (~overflow | converged | ~pre.convex)
+    infeasible = (out.flag == _PINF) | jnp.any(h == -jnp.inf)
     status = jnp.where(converged, Status.SUCCESS, Status.MAX_STEPS)
     status = jnp.where(out.flag == _DINF, Status.UNBOUNDED, status)
     status = jnp.where(infeasible, Status.INFEASIBLE, status)
