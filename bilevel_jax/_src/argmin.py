@@ -34,6 +34,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import linear_solve as ls
+from bilevel_jax._src import vma
 from bilevel_jax._src.constrained import Inequalities, interior_point, masked_residual
 from bilevel_jax._src.implicit import custom_solution, implicit_solution
 from bilevel_jax._src.tree import tree_all_finite, tree_scale
@@ -195,7 +196,7 @@ def _newton(fun, y0, affine, tol, max_iter):
         def cond(t):
             return ~accept(t) & (t > 1e-12)
 
-        t = jax.lax.while_loop(cond, lambda t: t / 2, jnp.ones_like(value))
+        t = vma.while_loop(cond, lambda t: t / 2, jnp.ones_like(value))
         return t, accept(t)
 
     grad0, fact0 = model(y0)
@@ -215,7 +216,7 @@ def _newton(fun, y0, affine, tol, max_iter):
         return k + 1, y_new, grad_new, fact_new, ok
 
     state = (jnp.asarray(0), y0, grad0, fact0, jnp.asarray(True))
-    k, y, grad, fact, _ = jax.lax.while_loop(cond, body, state)
+    k, y, grad, fact, _ = vma.while_loop(cond, body, state)
     res = jnp.linalg.norm(grad)
     return y, k, res, res <= threshold, fact
 
@@ -246,7 +247,7 @@ def _lbfgs(fun, y0, affine, tol, max_iter):
         return k + 1, z, opt_state, jnp.linalg.norm(jax.grad(reduced)(z))
 
     state = (jnp.asarray(0), z0, opt.init(z0), jnp.asarray(jnp.inf, y0.dtype))
-    k, z, _, res = jax.lax.while_loop(cond, body, state)
+    k, z, _, res = vma.while_loop(cond, body, state)
     return y0 + _tangent(affine, z), k, res, res <= threshold, None
 
 
@@ -283,7 +284,7 @@ def _gradient(fun, y0, project, tol, max_iter):
             lip_ = 2 * jnp.maximum(lip_, curvature(y_new))
             return lip_, project(x - grad / lip_)
 
-        return jax.lax.while_loop(cond, body, (lip, project(x - grad / lip)))
+        return vma.while_loop(cond, body, (lip, project(x - grad / lip)))
 
     def cond(state):
         k, _, _, _, _, res = state
@@ -300,7 +301,7 @@ def _gradient(fun, y0, project, tol, max_iter):
 
     one = jnp.ones((), y0.dtype)
     state = (jnp.asarray(0), y0, y0, one, one, mapping(y0))
-    k, y, _, _, _, res = jax.lax.while_loop(cond, body, state)
+    k, y, _, _, _, res = vma.while_loop(cond, body, state)
     return y, k, res, res <= threshold, None
 
 
@@ -351,7 +352,7 @@ def _unrolled(fun, y0, affine, tol, max_iter, solver, project=None):
             return (project(x - jax.grad(fun)(x) / lip), y, k + 1), None
 
     init = y0 if solver == "newton" else (y0, y0, jnp.ones((), y0.dtype))
-    out, _ = jax.lax.scan(step, init, None, length=max_iter)
+    out, _ = vma.scan(step, init, None, length=max_iter)
     y = out if solver == "newton" else out[0]
     def mapping(y):
         return jnp.linalg.norm(y - project(y - jax.grad(fun)(y)))
@@ -374,7 +375,7 @@ def _lipschitz_estimate(fun, y, affine, num_iter=50):
         w = hvp(v)
         return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(y.dtype).tiny)
 
-    v = jax.lax.fori_loop(0, num_iter, body, v)
+    v = vma.fori_loop(0, num_iter, body, v)
     return 1.5 * jnp.maximum(v @ hvp(v), jnp.finfo(y.dtype).tiny)
 
 
@@ -685,12 +686,12 @@ def argmin(
                         "interior_point": 200}[solver]
 
     # Closure conversion: arrays the user functions close over become differentiable inputs.
-    g_conv, g_consts = jax.closure_convert(g, y0, theta)
+    g_conv, g_consts = vma.closure_convert(g, y0, theta)
     fns = {"eq": eq, "ineq": ineq, "box": box}
     converted, consts = {}, {}
     for name, fn in fns.items():
         if fn is not None:
-            converted[name], consts[name] = jax.closure_convert(fn, theta)
+            converted[name], consts[name] = vma.closure_convert(fn, theta)
     params = (theta, tuple(g_consts), {k: tuple(v) for k, v in consts.items()})
 
     def call(name):
@@ -806,7 +807,7 @@ def _polish(problem, fun, y, lam, ineq, params, tol, max_rounds=4):
             hess = P @ jax.hessian(fun)(y) @ P + (eye - P)
             return y - jnp.linalg.solve(hess, P @ jax.grad(fun)(y))
 
-        y_pol = jax.lax.fori_loop(0, 2, newton_step, affine.project(y))
+        y_pol = vma.fori_loop(0, 2, newton_step, affine.project(y))
         mult = affine.multipliers(jax.grad(fun)(y_pol))
         lam_pol = m * mult[mult.shape[0] - k:]
         slack = ineq.slack(y_pol)
@@ -820,7 +821,7 @@ def _polish(problem, fun, y, lam, ineq, params, tol, max_rounds=4):
         return it + 1, y_pol, lam_pol, ok, update
 
     state = (jnp.asarray(0), y, lam, jnp.asarray(False), ineq.active(y, lam))
-    _, y_pol, lam_pol, ok, _ = jax.lax.while_loop(
+    _, y_pol, lam_pol, ok, _ = vma.while_loop(
         lambda st: (st[0] < max_rounds) & ~st[3], body, state
     )
     return jnp.where(ok, y_pol, y), jnp.where(ok, lam_pol, lam)

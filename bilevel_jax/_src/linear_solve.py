@@ -56,6 +56,8 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsp_linalg
 from jax import lax
 
+from bilevel_jax._src import vma
+
 __all__ = [
     "DENSE_MAX_SIZE",
     "METHODS",
@@ -277,7 +279,7 @@ def _prepare(b: Any, x0: Any, tol: Any, max_iter: Any, ridge: Any):
 # --------------------------------------------------------------------------------------
 
 
-def materialize(matvec: Matvec, n: int, dtype: Any) -> jax.Array:
+def materialize(matvec: Matvec, n: int, dtype: Any, *, like: Any = None) -> jax.Array:
     """Materialise a linear map as a dense matrix.
 
     Builds ``M[:, j] = matvec(e_j)`` by vmapping ``matvec`` over the columns of the identity,
@@ -287,13 +289,16 @@ def materialize(matvec: Matvec, n: int, dtype: Any) -> jax.Array:
       matvec: linear function from shape ``(n,)`` to shape ``(n,)``.
       n: dimension.
       dtype: dtype of the probing vectors and of the returned matrix.
+      like: optional array (the right-hand side) whose ``shard_map`` varying axes the probing
+        vectors take: a ``matvec`` built from ``jax.jvp``/``jax.vjp`` at a per-device point
+        accepts only vectors that vary like that point.
 
     Returns:
       The ``(n, n)`` matrix of ``matvec``.
 
     Cost: one batched application of ``matvec`` to ``n`` vectors; ``O(n^2)`` memory.
     """
-    eye = jnp.eye(n, dtype=dtype)
+    eye = vma.vary_like(jnp.eye(n, dtype=dtype), like)
     rows = jax.vmap(matvec)(eye)  # rows[j] = matvec(e_j) = M[:, j]
     return jnp.asarray(rows).astype(dtype).T
 
@@ -390,7 +395,7 @@ def symmetric_norm(matvec: Callable, like: Any, num_iter: int = 20) -> jax.Array
         return w / jnp.maximum(jnp.sqrt(jnp.sum(w * w)), tiny)
 
     w = jnp.ones_like(like) + jnp.arange(n, dtype=like.dtype) / max(n, 1)
-    w = jax.lax.fori_loop(0, num_iter, lambda _, w: matvec(unit(w)), w)
+    w = vma.fori_loop(0, num_iter, lambda _, w: matvec(unit(w)), w)
     mw = matvec(unit(w))
     return jnp.sqrt(jnp.sum(mw * mw))
 
@@ -469,7 +474,7 @@ def solve_dense(
     if n == 0:
         return b
     operator = _make_operator(matvec, 0.0, b.dtype, n)
-    matrix = materialize(operator, n, b.dtype)
+    matrix = materialize(operator, n, b.dtype, like=b)
     return solve_factorized(factorize(matrix, structure=structure, ridge=ridge), b)
 
 
@@ -532,7 +537,7 @@ def solve_cg(
         return k + 1, x, r, p, rs_new, pap == 0
 
     state = (0, x, r, r, rs, jnp.zeros((), bool))
-    _, x, *_ = lax.while_loop(cond, body, state)
+    _, x, *_ = vma.while_loop(cond, body, state)
     return prob.finish(x)
 
 
@@ -680,7 +685,7 @@ def solve_minres(
         zero,  # tnorm2
         zero,  # gmax
     )
-    x = lax.while_loop(cond, body, state)[2]
+    x = vma.while_loop(cond, body, state)[2]
     return prob.finish(x)
 
 
@@ -766,7 +771,7 @@ def solve_gmres(
                 a, b_ = h[i], h[i + 1]
                 return h.at[i].set(cs[i] * a + sn[i] * b_).at[i + 1].set(cs[i] * b_ - sn[i] * a)
 
-            h = lax.fori_loop(0, k, rotate, h)
+            h = vma.fori_loop(0, k, rotate, h)
             a = h[k]
             rho = jnp.sqrt(a**2 + h_next**2)
             rmax = jnp.maximum(rmax, rho)
@@ -786,7 +791,7 @@ def solve_gmres(
 
         zero = jnp.zeros((), dtype)
         state = (jnp.zeros((), int), basis, tri, cs, sn, g, zero, jnp.zeros((), bool))
-        k, basis, tri, _, _, g, _, _ = lax.while_loop(inner_cond, inner_body, state)
+        k, basis, tri, _, _, g, _, _ = vma.while_loop(inner_cond, inner_body, state)
         # Solve the leading k x k triangular system; pad the rest with the identity.
         active = jnp.arange(m) < k
         diag = jnp.diagonal(tri)
@@ -814,7 +819,7 @@ def solve_gmres(
         return total + k, x, r, beta, stalled
 
     state = (0, x, r, _norm(r), jnp.zeros((), bool))
-    x = lax.while_loop(outer_cond, outer_body, state)[1]
+    x = vma.while_loop(outer_cond, outer_body, state)[1]
     return prob.finish(x)
 
 
@@ -886,7 +891,7 @@ def solve_normal_cg(
         return k + 1, x, r, p, gamma_new, qq == 0
 
     state = (0, x, r, s, gamma, jnp.zeros((), bool))
-    x = lax.while_loop(cond, body, state)[1]
+    x = vma.while_loop(cond, body, state)[1]
     return prob.finish(x)
 
 
@@ -931,7 +936,7 @@ def solve_neumann(
     def body(_, x):
         return x + step * (b - operator(x))
 
-    x = lax.fori_loop(1, num_terms, body, step * b)
+    x = vma.fori_loop(1, num_terms, body, step * b)
     if isinstance(num_terms, jax.Array):
         x = jnp.where(num_terms > 0, x, jnp.zeros_like(x))
     return x

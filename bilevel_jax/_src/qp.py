@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bilevel_jax._src import linear_solve as ls
+from bilevel_jax._src import vma
 from bilevel_jax._src.implicit import custom_solution, implicit_backward
 from bilevel_jax._src.types import Array, ArrayLike, Info, Status, check_info, make_info
 
@@ -458,7 +459,7 @@ def _prepare(qp: _QP, valid) -> _Prepared:
         return lax.linalg.cholesky(Q + (delta * scale) * eye, symmetrize_input=False)
 
     chol_q = factor(10 * float(jnp.finfo(dtype).eps))
-    chol_q = lax.cond(
+    chol_q = vma.cond(
         jnp.all(jnp.isfinite(chol_q)), lambda: chol_q, lambda: factor(_regularisation(dtype))
     )
     Uc, Wc = ls.inverse_products(chol_q, jnp.concatenate([C, c[None, :]]))
@@ -503,7 +504,7 @@ def _kkt_solve(Q, pre: _Prepared, chol_s, m, e, r, steps=1, t=None):
         return x[0] + d1, x[1] + d2
 
     x = solve(r1, r2, t)
-    return lax.fori_loop(0, steps, refine, x) if steps else x
+    return vma.fori_loop(0, steps, refine, x) if steps else x
 
 
 def _active_system(p, mask, ridge, dtype):
@@ -535,7 +536,7 @@ def _dual_step(pre: _Prepared, y, nu, lam, rd, valid):
     """
     Ux = _mm(pre.U, jnp.concatenate([nu, jnp.where(valid, lam, 0)]))
     y_, q_, Ux_ = _amaxes(y, pre.q_c, Ux)
-    return lax.cond(
+    return vma.cond(
         Ux_ > 1e3 * (1 + y_ + q_),
         lambda: -jax.scipy.linalg.cho_solve((pre.chol_q, True), rd),
         lambda: -(y + pre.q_c + Ux),
@@ -582,7 +583,7 @@ def _initial_point(qp: _QP, pre: _Prepared, valid, init, warm):
         lam = jnp.where(valid, jnp.maximum(lam, floor), 0)
         return y, nu, lam, s
 
-    return lax.cond(warm, warm_start, lambda: _cold_start(qp, pre, valid))
+    return vma.cond(warm, warm_start, lambda: _cold_start(qp, pre, valid))
 
 
 def _cold_start(qp: _QP, pre: _Prepared, valid):
@@ -639,7 +640,7 @@ def _ipm(qp: _QP, sc: _Scales, pre: _Prepared, valid, tol, max_iter, init, warm)
             return vf * (s * lam + ds * dlam - sigma * mu), step
 
         zeros = (jnp.zeros_like(y), jnp.zeros_like(nu), jnp.zeros_like(lam), jnp.zeros_like(s))
-        _, (dy, dnu, dlam, ds) = lax.fori_loop(0, 2, predictor_corrector, (vf * s * lam, zeros))
+        _, (dy, dnu, dlam, ds) = vma.fori_loop(0, 2, predictor_corrector, (vf * s * lam, zeros))
         t = jnp.minimum(_step_to_boundary(s, ds, valid), _step_to_boundary(lam, dlam, valid))
         t = jnp.minimum(1, 0.99 * t)
         new = (y + t * dy, nu + t * dnu, lam + t * dlam, jnp.where(valid, s + t * ds, 1))
@@ -656,7 +657,7 @@ def _ipm(qp: _QP, sc: _Scales, pre: _Prepared, valid, tol, max_iter, init, warm)
 
     y, nu, lam, s = _initial_point(qp, pre, valid, init, warm)
     state = (jnp.asarray(0, jnp.int32), y, nu, lam, s, *classify(y, nu, lam, s))
-    it, y, nu, lam, s, flag, residual = lax.while_loop(cond, body, state)
+    it, y, nu, lam, s, flag, residual = vma.while_loop(cond, body, state)
     return _IPMOut(y, nu, jnp.where(valid, lam, 0), s, it, flag, residual)
 
 
@@ -707,7 +708,7 @@ def _polish(qp: _QP, sc: _Scales, pre: _Prepared, out: _IPMOut, valid, ridge, to
     m0 = valid & (out.lam > out.s)
     z = (jnp.zeros_like(out.y), jnp.zeros_like(out.nu), jnp.zeros_like(out.lam))
     state = (jnp.asarray(0, jnp.int32), z, m0, jnp.asarray(False), m0)
-    _, z, m, ok, _ = lax.while_loop(cond, body, state)
+    _, z, m, ok, _ = vma.while_loop(cond, body, state)
     return z, ok, m, _point_residual(qp, sc, *z, valid)
 
 
@@ -743,7 +744,7 @@ def _forward(theta, init, warm, polish, ridge, tol, max_iter):
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
     polish = polish & (out.flag != _PINF) & (out.flag != _DINF)
-    z_p, ok, _, residual_p = lax.cond(
+    z_p, ok, _, residual_p = vma.cond(
         polish, lambda: _polish(qp, sc, pre, out, valid, ridge, tol), skip
     )
     ok = polish & ok & (residual_p <= jnp.maximum(residual, tol))
@@ -808,7 +809,7 @@ def _central_path_point(theta, z, mu, tol, max_iter, pre: _Prepared | None = Non
         return (state[0] < max_iter) & (state[5] > tol)
 
     state = (jnp.asarray(0, jnp.int32), y, nu, lam, s, residual(y, nu, lam, s))
-    _, y, nu, lam, _, _ = lax.while_loop(cond, body, state)
+    _, y, nu, lam, _, _ = vma.while_loop(cond, body, state)
     return y, nu, jnp.where(valid, lam, 0)
 
 
