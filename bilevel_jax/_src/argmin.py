@@ -223,6 +223,7 @@ def _newton(fun, y0, affine, tol, max_iter):
 
 def _lbfgs(fun, y0, affine, tol, max_iter):
     """L-BFGS (optax, zoom line search) in the null space: ``y = y0 + P z``."""
+    vma.unsupported("solver='lbfgs'", vma.OPTAX_LINESEARCH, y0)
 
     def reduced(z):
         # optax's line search may promote z to float64 when x64 is on: keep y0's dtype.
@@ -328,7 +329,7 @@ def _unrolled(fun, y0, affine, tol, max_iter, solver, project=None):
         def step(y, _):
             grad = _tangent(affine, jax.grad(fun)(y))
             hvp = lambda w: jax.jvp(jax.grad(fun), (y,), (w,))[1]  # noqa: E731
-            hess = jax.vmap(hvp)(jnp.eye(n, dtype=y.dtype)).T
+            hess = jax.vmap(hvp)(vma.vary_like(jnp.eye(n, dtype=y.dtype), y)).T
             if affine is not None:
                 P = jnp.eye(n, dtype=y.dtype) - affine.pinv @ affine.A
                 hess = P @ hess @ P + (jnp.eye(n, dtype=y.dtype) - P)
@@ -693,6 +694,9 @@ def argmin(
         if fn is not None:
             converted[name], consts[name] = vma.closure_convert(fn, theta)
     params = (theta, tuple(g_consts), {k: tuple(v) for k, v in consts.items()})
+    # Inside shard_map: one uniformly per-device problem (see vma.py); the identity elsewhere.
+    params = vma.vary_like(params, params, y0_flat)
+    y0_flat = vma.vary_like(y0_flat, params)
 
     def call(name):
         def fn(p):

@@ -359,6 +359,7 @@ def _newton(problem, inner, x0, w0, p, tol, max_iter):
 
 def _lbfgs(problem, inner, x0, w0, p, tol, max_iter):
     """L-BFGS (optax) on ``phi(x)``, its gradient ``U`` from ``argmin``'s implicit rule."""
+    vma.unsupported("solver='lbfgs'", vma.OPTAX_LINESEARCH, x0, w0, p)
     dtype = problem.dtype
 
     def phi(xf, w_warm):
@@ -649,6 +650,9 @@ def _setup(f, g, eq, x0, y0, z):
     f_conv, f_consts = vma.closure_convert(f, x0, y0, z)
     g_conv, g_consts = vma.closure_convert(g, x0, y0, z)
     params = (z, tuple(f_consts), tuple(g_consts), tuple(eq_consts))
+    # Inside shard_map: one uniformly per-device problem (see vma.py); the identity elsewhere.
+    params = vma.vary_like(params, params, x0f, y0f)
+    x0f, y0f = vma.vary_like((x0f, y0f), params)
 
     def f_flat(xf, yf, p):
         return f_conv(unravel_x(xf), unravel_y(yf), p[0], *p[1]).astype(dtype)

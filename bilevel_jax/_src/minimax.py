@@ -450,7 +450,8 @@ def _dense_hessian(problem, z, p):
     """The Hessian of ``f`` in ``z = (u, v)`` (``n`` Hessian-vector products)."""
     z, p = jax.lax.stop_gradient((z, p))
     grad = lambda z_: problem.gradient(z_, p)  # noqa: E731
-    return jax.vmap(lambda w: jax.jvp(grad, (z,), (w,))[1])(jnp.eye(z.shape[0], dtype=z.dtype))
+    eye = vma.vary_like(jnp.eye(z.shape[0], dtype=z.dtype), z)  # tangents vary like z
+    return jax.vmap(lambda w: jax.jvp(grad, (z,), (w,))[1])(eye)
 
 
 def _curvature(hess, n_u):
@@ -646,6 +647,9 @@ def saddle_point(
         constrained,
     )
     z0 = jax.lax.stop_gradient(jnp.concatenate([u_flat0, v_flat0]).astype(dtype))
+    # Inside shard_map: one uniformly per-device problem (see vma.py); the identity elsewhere.
+    params = vma.vary_like(params, params, z0)
+    z0 = vma.vary_like(z0, params)
 
     if hypergrad == "implicit":
 

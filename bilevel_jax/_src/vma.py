@@ -37,14 +37,21 @@ from jax import lax
 from bilevel_jax._src.types import PyTree
 
 __all__ = [
+    "OPTAX_LINESEARCH",
     "closure_convert",
     "cond",
     "fori_loop",
     "scan",
+    "unsupported",
     "vary_like",
     "varying_axes",
     "while_loop",
 ]
+
+
+#: Why optax's L-BFGS cannot run under ``shard_map`` with per-device data (optax 0.2.8): its
+#: zoom line search creates replicated constants inside ``lax.cond`` branches.
+OPTAX_LINESEARCH = "optax's zoom line search builds replicated constants inside lax.cond"
 
 
 def _leaf_axes(x) -> frozenset:
@@ -119,6 +126,36 @@ def closure_convert(fn: Callable, *args):
     return jax.closure_convert(fn, *cast)
 
 
+def _carry(init: PyTree, *refs: PyTree) -> PyTree:
+    """``init`` with every leaf (Python scalars included) varying like ``init`` and ``refs``."""
+    if not varying_axes(init, *refs):
+        return init
+    init = jax.tree_util.tree_map(
+        lambda x: x if isinstance(x, jax.Array | np.ndarray) else jnp.asarray(x), init
+    )
+    return vary_like(init, init, *refs)
+
+
+def unsupported(what: str, reason: str, *trees: PyTree) -> None:
+    """Raise a clear error when ``trees`` vary over ``shard_map`` axes that ``what`` cannot take.
+
+    Args:
+      what: the feature, for the message.
+      reason: why it cannot, for the message.
+      *trees: the values the feature would see.
+
+    Raises:
+      NotImplementedError: inside ``shard_map`` when a leaf of ``trees`` varies.
+    """
+    axes = varying_axes(*trees)
+    if axes:
+        raise NotImplementedError(
+            f"{what} cannot run inside jax.shard_map on per-device data (mesh axes "
+            f"{sorted(axes, key=str)}) with check_vma=True: {reason}. Use another solver, or "
+            "jax.shard_map(..., check_vma=False)."
+        )
+
+
 def while_loop(cond_fun: Callable, body_fun: Callable, init_val: PyTree, *, like: PyTree = None):
     """:func:`jax.lax.while_loop` whose carry varies over the axes of ``init_val`` and ``like``.
 
@@ -135,7 +172,7 @@ def while_loop(cond_fun: Callable, body_fun: Callable, init_val: PyTree, *, like
     Returns:
       The final carry.
     """
-    init_val = vary_like(init_val, init_val, like)
+    init_val = _carry(init_val, like)
     return lax.while_loop(cond_fun, lambda c: vary_like(body_fun(c), init_val), init_val)
 
 
@@ -152,7 +189,7 @@ def fori_loop(lower, upper, body_fun: Callable, init_val: PyTree, *, like: PyTre
     Returns:
       The final carry.
     """
-    init_val = vary_like(init_val, init_val, like)
+    init_val = _carry(init_val, like)
     return lax.fori_loop(
         lower, upper, lambda i, c: vary_like(body_fun(i, c), init_val), init_val
     )
@@ -171,7 +208,7 @@ def scan(f: Callable, init: PyTree, xs=None, length=None, *, like: PyTree = None
     Returns:
       ``(carry, ys)``.
     """
-    init = vary_like(init, init, xs, like)
+    init = _carry(init, xs, like)
 
     def step(carry, x):
         carry, y = f(carry, x)
