@@ -47,6 +47,7 @@ Conventions shared by the iterative solvers:
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -63,6 +64,8 @@ __all__ = [
     "METHODS",
     "STRUCTURES",
     "Factorization",
+    "cho_solve",
+    "cholesky",
     "default_max_iter",
     "default_tol",
     "factorize",
@@ -74,6 +77,7 @@ __all__ = [
     "solve_factorized",
     "symmetric_norm",
     "solve_gmres",
+    "triangular_solve",
     "solve_minres",
     "solve_neumann",
     "solve_normal_cg",
@@ -370,8 +374,9 @@ def factorize(matrix: Any, *, structure: str = "general", ridge: Any = 0.0) -> F
             matrix.shape[0], dtype=matrix.dtype
         )
     if structure == "spd":
-        c, _ = jsp_linalg.cho_factor(matrix, lower=True)
-        return Factorization("cholesky", (c,))
+        # The lower factor only (cho_factor leaves the input's upper triangle in place,
+        # which every solve below ignores).
+        return Factorization("cholesky", (cholesky(matrix),))
     lu, piv = jsp_linalg.lu_factor(matrix)
     return Factorization("lu", (lu, piv))
 
@@ -400,6 +405,111 @@ def symmetric_norm(matvec: Callable, like: Any, num_iter: int = 20) -> jax.Array
     return jnp.sqrt(jnp.sum(mw * mw))
 
 
+# --------------------------------------------------------------------------------------
+# Cholesky factorisation and triangular solves that stay safe under jax.vmap on CPU.
+#
+# jaxlib 0.10.2 runs a batched LAPACK kernel (potrf, trsm, ...) by splitting the batch over
+# XLA's intra-op thread pool and waiting for the pieces (``jax::ParallelBatchMap``). When two
+# such kernels run at once on a pool with no spare thread, each waits for work queued behind
+# the other: a deadlock. Reproduction (2-core machine, jaxlib 0.10.2):
+# ``jax.jit(jax.vmap(jax.value_and_grad(loss)))`` with ``loss`` a function of
+# ``solve_qp(Q, c, G=G, h=h)`` over a batch of 40 random strictly convex QPs, n = 80,
+# k = 40 inequalities: the second call hung in 3 of 3 fresh processes (``timeout 150``), and
+# a batch of 64 at n = 200 hung too; gdb showed both "tf_XLAEigen" threads blocked in
+# ``jax::ParallelBatchMap``, one under ``lapack_dpotrf_ffi``, one under ``lapack_dtrsm_ffi``.
+# The same batch through ``lax.map`` completes. So the helpers below call the LAPACK kernel
+# on one matrix at a time when batched (``jax.custom_batching.sequential_vmap``: a loop
+# over the batch, each call unbatched, which never queues work on the pool); unbatched they
+# are the plain primitives. Their derivatives are those of the plain primitives (a custom
+# JVP), so they stay differentiable to any order.
+
+
+@functools.cache
+def _looped(fn: Callable) -> Callable:
+    """``fn`` batched by a loop over the batch, differentiated as ``fn`` itself."""
+    sequential = jax.custom_batching.sequential_vmap(fn)
+
+    @jax.custom_jvp
+    def wrapped(*args):
+        return sequential(*args)
+
+    @wrapped.defjvp
+    def _jvp(primals, tangents):
+        return jax.jvp(fn, primals, tangents)
+
+    return wrapped
+
+
+def _cholesky_lower(a):
+    return lax.linalg.cholesky(a, symmetrize_input=False)
+
+
+@functools.cache
+def _triangular(left_side: bool, lower: bool, transpose_a: bool) -> Callable:
+    return _looped(
+        functools.partial(
+            lax.linalg.triangular_solve, left_side=left_side, lower=lower,
+            transpose_a=transpose_a,
+        )
+    )
+
+
+def cholesky(a: Any) -> jax.Array:
+    """Lower Cholesky factor ``L`` of a symmetric positive definite ``a`` (``L L' = a``).
+
+    The lower triangle of ``a`` is used as it is (no symmetrisation); a matrix that is not
+    positive definite gives NaN entries. Safe under :func:`jax.vmap` on CPU (see the comment
+    above: batched, the factorisations run one after the other).
+
+    Args:
+      a: array of shape ``(n, n)``.
+
+    Returns:
+      ``L``, lower triangular, shape ``(n, n)``.
+    """
+    return _looped(_cholesky_lower)(a)
+
+
+def triangular_solve(
+    a: Any, b: Any, *, left_side: bool = True, lower: bool = True, transpose_a: bool = False
+) -> jax.Array:
+    """Solve ``op(a) x = b`` (``left_side``) or ``x op(a) = b`` with triangular ``a``.
+
+    As :func:`jax.lax.linalg.triangular_solve` (``op(a) = a'`` when ``transpose_a``), and safe
+    under :func:`jax.vmap` on CPU like :func:`cholesky`.
+
+    Args:
+      a: triangular matrix, shape ``(n, n)``.
+      b: right-hand sides, shape ``(n, k)`` (left side) or ``(k, n)`` (right side).
+      left_side: whether ``a`` multiplies ``x`` from the left.
+      lower: whether ``a`` is lower triangular.
+      transpose_a: whether to use ``a'``.
+
+    Returns:
+      ``x`` with the shape of ``b``.
+    """
+    return _triangular(bool(left_side), bool(lower), bool(transpose_a))(a, b)
+
+
+def cho_solve(chol: Any, b: Any) -> jax.Array:
+    """Solve ``(L L') x = b`` given the lower Cholesky factor ``L`` (:func:`cholesky`).
+
+    Args:
+      chol: ``L``, shape ``(n, n)``.
+      b: right-hand side, shape ``(n,)`` or ``(n, k)``.
+
+    Returns:
+      ``x`` with the shape of ``b``.
+
+    Cost: two triangular solves, ``2 n^2`` flops per right-hand side.
+    """
+    b = jnp.asarray(b)
+    rhs = b[:, None] if b.ndim == 1 else b
+    x = triangular_solve(chol, rhs, left_side=True, lower=True)
+    x = triangular_solve(chol, x, left_side=True, lower=True, transpose_a=True)
+    return x[:, 0] if b.ndim == 1 else x
+
+
 def inverse_products(chol: Any, rows: Any):
     """Apply ``M^-1`` to the rows of ``C``, given the lower Cholesky factor ``L`` of ``M``.
 
@@ -414,8 +524,8 @@ def inverse_products(chol: Any, rows: Any):
     Cost: ``2 n^2 k`` flops; the triangular solves act on the right (``C L^-T``), which XLA's
     CPU backend runs several times faster than left-side solves with ``k`` right-hand sides.
     """
-    V = jax.lax.linalg.triangular_solve(chol, rows, left_side=False, lower=True, transpose_a=True)
-    U = jax.lax.linalg.triangular_solve(chol, V, left_side=False, lower=True).T
+    V = triangular_solve(chol, rows, left_side=False, lower=True, transpose_a=True)
+    U = triangular_solve(chol, V, left_side=False, lower=True).T
     return U, V @ V.T
 
 
@@ -437,7 +547,7 @@ def solve_factorized(factorization: Factorization, b: Any, *, transpose: bool = 
     if kind == "cholesky":
         (c,) = factorization.factors
         dtype = jnp.result_type(c, b)
-        x = jsp_linalg.cho_solve((c, True), b.astype(dtype))
+        x = cho_solve(c, b.astype(dtype))
     elif kind == "lu":
         lu, piv = factorization.factors
         dtype = jnp.result_type(lu, b)

@@ -456,7 +456,7 @@ def _prepare(qp: _QP, valid) -> _Prepared:
     eye = jnp.eye(Q.shape[0], dtype=dtype)
 
     def factor(delta):
-        return lax.linalg.cholesky(Q + (delta * scale) * eye, symmetrize_input=False)
+        return ls.cholesky(Q + (delta * scale) * eye)
 
     chol_q = factor(10 * float(jnp.finfo(dtype).eps))
     chol_q = vma.cond(
@@ -474,7 +474,7 @@ def _factor(pre: _Prepared, m, e, delta=None):
     """
     delta = _regularisation(pre.W.dtype) if delta is None else delta
     S = pre.W * jnp.outer(m, m) + jnp.diag(e + delta * (1 + _amaxes(pre.W)[0]))
-    return lax.linalg.cholesky(S, symmetrize_input=False)
+    return ls.cholesky(S)
 
 
 def _kkt_apply(Q, pre: _Prepared, m, e, x):
@@ -494,8 +494,8 @@ def _kkt_solve(Q, pre: _Prepared, chol_s, m, e, r, steps=1, t=None):
 
     def solve(r1, r2, t=None):
         if t is None:
-            t = jax.scipy.linalg.cho_solve((pre.chol_q, True), r1)
-        x2 = jax.scipy.linalg.cho_solve((chol_s, True), m * _mm(pre.C, t) - r2)
+            t = ls.cho_solve(pre.chol_q, r1)
+        x2 = ls.cho_solve(chol_s, m * _mm(pre.C, t) - r2)
         return t - _mm(pre.U, m * x2), x2
 
     def refine(_, x):
@@ -538,7 +538,7 @@ def _dual_step(pre: _Prepared, y, nu, lam, rd, valid):
     y_, q_, Ux_ = _amaxes(y, pre.q_c, Ux)
     return vma.cond(
         Ux_ > 1e3 * (1 + y_ + q_),
-        lambda: -jax.scipy.linalg.cho_solve((pre.chol_q, True), rd),
+        lambda: -ls.cho_solve(pre.chol_q, rd),
         lambda: -(y + pre.q_c + Ux),
     )
 
