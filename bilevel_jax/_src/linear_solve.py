@@ -418,20 +418,47 @@ def symmetric_norm(matvec: Callable, like: Any, num_iter: int = 20) -> jax.Array
 # a batch of 64 at n = 200 hung too; gdb showed both "tf_XLAEigen" threads blocked in
 # ``jax::ParallelBatchMap``, one under ``lapack_dpotrf_ffi``, one under ``lapack_dtrsm_ffi``.
 # The same batch through ``lax.map`` completes. So the helpers below call the LAPACK kernel
-# on one matrix at a time when batched (``jax.custom_batching.sequential_vmap``: a loop
+# on one matrix at a time when batched (a ``jax.custom_batching.custom_vmap`` rule: a loop
 # over the batch, each call unbatched, which never queues work on the pool); unbatched they
 # are the plain primitives. Their derivatives are those of the plain primitives (a custom
 # JVP), so they stay differentiable to any order.
 
 
+def _sharded_batch(x) -> bool:
+    """Whether the leading (batch) axis of ``x`` is sharded in its type (explicit sharding)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return bool(spec) and spec[0] is not None
+
+
 @functools.cache
 def _looped(fn: Callable) -> Callable:
-    """``fn`` batched by a loop over the batch, differentiated as ``fn`` itself."""
-    sequential = jax.custom_batching.sequential_vmap(fn)
+    """``fn`` batched by a loop over the batch, differentiated as ``fn`` itself.
+
+    A batch axis sharded over devices in its type (``jax.set_mesh`` with explicit axes)
+    cannot be looped over; such a batch gets ``fn``'s own batching.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def looped(*args):
+        return fn(*args)
+
+    @looped.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        del axis_size
+        if any(_sharded_batch(a) for a, b in zip(args, in_batched, strict=True) if b):
+            axes = [0 if b else None for b in in_batched]
+            return jax.vmap(fn, in_axes=axes)(*args), True
+        mapped = [a for a, b in zip(args, in_batched, strict=True) if b]
+
+        def one(items):
+            items = iter(items)
+            return looped(*(next(items) if b else a for a, b in zip(args, in_batched, strict=True)))
+
+        return lax.map(one, mapped), True
 
     @jax.custom_jvp
     def wrapped(*args):
-        return sequential(*args)
+        return looped(*args)
 
     @wrapped.defjvp
     def _jvp(primals, tangents):
