@@ -3,7 +3,7 @@
 Inside ``jax.shard_map`` (with its default ``check_vma=True``) every value has a type that
 records the mesh axes over which it *varies*: per-device data (``in_specs=P('x')``) varies
 over ``'x'``, while a constant created inside the solver (``jnp.zeros(n)``, an iteration
-counter, a flag) is the same on every device. JAX combines the two in arithmetic, but three
+counter, a flag) is the same on every device. JAX combines the two in arithmetic, but four
 places of an iterative solver need them to agree, and each broke the solution maps:
 
 * a ``lax.while_loop`` / ``fori_loop`` / ``scan`` carry and a ``lax.cond`` branch output must
@@ -15,7 +15,9 @@ places of an iterative solver need them to agree, and each broke the solution ma
   match", "pvary is a invariant->variant collective");
 * ``jax.grad`` with respect to a value that is the same on every device sums the cotangents
   over the devices (the gradient of a replicated value), so a derivative evaluated at a
-  constant warm start would be silently multiplied by the number of devices.
+  constant warm start would be silently multiplied by the number of devices;
+* ``jax.jvp`` / ``jax.vjp`` at a per-device point accept only tangents and cotangents that
+  vary like it, so probing vectors (``jnp.eye`` columns) must be marked as well.
 
 The cure is to mark such constants as varying over the axes of the data they meet
 (``jax.lax.pcast(x, axes, to="varying")``, which changes no value and is the identity outside
