@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from bilevel_jax._src import kkt
+from bilevel_jax._src import kkt, vma
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.constrained import Inequalities, interior_point, masked_residual
 from bilevel_jax._src.implicit import SolveAux, custom_solution, implicit_solution
@@ -217,7 +217,7 @@ def _newton(fun, y0, affine, tol, max_iter):
         def cond(t):
             return ~accept(t) & (t > 1e-12)
 
-        t = jax.lax.while_loop(cond, lambda t: t / 2, jnp.ones_like(value))
+        t = vma.while_loop(cond, lambda t: t / 2, jnp.ones_like(value))
         return t, accept(t)
 
     grad0, fact0 = model(y0)
@@ -237,7 +237,7 @@ def _newton(fun, y0, affine, tol, max_iter):
         return k + 1, y_new, grad_new, fact_new, ok
 
     state = (jnp.asarray(0), y0, grad0, fact0, jnp.asarray(True))
-    k, y, grad, fact, _ = jax.lax.while_loop(cond, body, state)
+    k, y, grad, fact, _ = vma.while_loop(cond, body, state)
     res = jnp.linalg.norm(grad)
     return y, k, res, res <= threshold, fact, _curvature_verdict(reduced_hessian, fact, y)
 
@@ -265,19 +265,19 @@ def _curvature_verdict(hessian, fact, y):
     def classify():
         hess = hessian(y)
         scale = jnp.max(jnp.abs(hess))
-        shifted = jnp.linalg.cholesky(hess + jnp.sqrt(eps) * scale * jnp.eye(y.shape[0],
-                                                                             dtype=y.dtype))
+        shifted = ls.cholesky(hess + jnp.sqrt(eps) * scale * jnp.eye(y.shape[0], dtype=y.dtype))
         psd = jnp.all(jnp.isfinite(shifted)) | (scale == 0)  # a zero Hessian is singular
         return jnp.where(psd & jnp.all(jnp.isfinite(hess)), Status.SINGULAR, Status.NONCONVEX)
 
     def finite_factor():
         return jnp.where(tiny, Status.SINGULAR, Status.SUCCESS)
 
-    return jax.lax.cond(failed, classify, finite_factor).astype(jnp.int32)
+    return vma.cond(failed, classify, finite_factor).astype(jnp.int32)
 
 
 def _lbfgs(fun, y0, affine, tol, max_iter):
     """L-BFGS (optax, zoom line search) in the null space: ``y = y0 + P z``."""
+    vma.unsupported("solver='lbfgs'", vma.OPTAX_LINESEARCH, y0)
 
     def reduced(z):
         # optax's line search may promote z to float64 when x64 is on: keep y0's dtype.
@@ -310,7 +310,7 @@ def _lbfgs(fun, y0, affine, tol, max_iter):
 
     state = (jnp.asarray(0), z0, opt.init(z0), jnp.asarray(jnp.inf, y0.dtype),
              jnp.asarray(False))
-    k, z, _, res, negative = jax.lax.while_loop(cond, body, state)
+    k, z, _, res, negative = vma.while_loop(cond, body, state)
     verdict = jnp.where(negative, Status.NONCONVEX, Status.SUCCESS).astype(jnp.int32)
     return y0 + _tangent(affine, z), k, res, res <= threshold, None, verdict
 
@@ -348,7 +348,7 @@ def _gradient(fun, y0, project, tol, max_iter):
             lip_ = 2 * jnp.maximum(lip_, curvature(y_new))
             return lip_, project(x - grad / lip_)
 
-        return jax.lax.while_loop(cond, body, (lip, project(x - grad / lip)))
+        return vma.while_loop(cond, body, (lip, project(x - grad / lip)))
 
     def cond(state):
         k, _, _, _, _, res = state
@@ -365,7 +365,7 @@ def _gradient(fun, y0, project, tol, max_iter):
 
     one = jnp.ones((), y0.dtype)
     state = (jnp.asarray(0), y0, y0, one, one, mapping(y0))
-    k, y, _, _, _, res = jax.lax.while_loop(cond, body, state)
+    k, y, _, _, _, res = vma.while_loop(cond, body, state)
     return y, k, res, res <= threshold, None, jnp.asarray(Status.SUCCESS, jnp.int32)
 
 
@@ -392,7 +392,7 @@ def _unrolled(fun, y0, affine, tol, max_iter, solver, project=None):
         def step(y, _):
             grad = _tangent(affine, jax.grad(fun)(y))
             hvp = lambda w: jax.jvp(jax.grad(fun), (y,), (w,))[1]  # noqa: E731
-            hess = jax.vmap(hvp)(jnp.eye(n, dtype=y.dtype)).T
+            hess = jax.vmap(hvp)(vma.vary_like(jnp.eye(n, dtype=y.dtype), y)).T
             if affine is not None:
                 P = jnp.eye(n, dtype=y.dtype) - affine.pinv @ affine.A
                 hess = P @ hess @ P + (jnp.eye(n, dtype=y.dtype) - P)
@@ -416,7 +416,7 @@ def _unrolled(fun, y0, affine, tol, max_iter, solver, project=None):
             return (project(x - jax.grad(fun)(x) / lip), y, k + 1), None
 
     init = y0 if solver == "newton" else (y0, y0, jnp.ones((), y0.dtype))
-    out, _ = jax.lax.scan(step, init, None, length=max_iter)
+    out, _ = vma.scan(step, init, None, length=max_iter)
     y = out if solver == "newton" else out[0]
     def mapping(y):
         return jnp.linalg.norm(y - project(y - jax.grad(fun)(y)))
@@ -439,7 +439,7 @@ def _lipschitz_estimate(fun, y, affine, num_iter=50):
         w = hvp(v)
         return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(y.dtype).tiny)
 
-    v = jax.lax.fori_loop(0, num_iter, body, v)
+    v = vma.fori_loop(0, num_iter, body, v)
     return 1.5 * jnp.maximum(v @ hvp(v), jnp.finfo(y.dtype).tiny)
 
 
@@ -785,13 +785,16 @@ def argmin(
                         "interior_point": 200}[solver]
 
     # Closure conversion: arrays the user functions close over become differentiable inputs.
-    g_conv, g_consts = jax.closure_convert(g, y0, theta)
+    g_conv, g_consts = vma.closure_convert(g, y0, theta)
     fns = {"eq": eq, "ineq": ineq, "box": box}
     converted, consts = {}, {}
     for name, fn in fns.items():
         if fn is not None:
-            converted[name], consts[name] = jax.closure_convert(fn, theta)
+            converted[name], consts[name] = vma.closure_convert(fn, theta)
     params = (theta, tuple(g_consts), {k: tuple(v) for k, v in consts.items()})
+    # Inside shard_map: one uniformly per-device problem (see vma.py); the identity elsewhere.
+    params = vma.vary_like(params, params, y0_flat)
+    y0_flat = vma.vary_like(y0_flat, params)
 
     def call(name):
         def fn(p):
@@ -913,7 +916,7 @@ def _polish(problem, fun, y, lam, ineq, params, tol, max_rounds=4):
             hess = P @ jax.hessian(fun)(y) @ P + (eye - P)
             return y - jnp.linalg.solve(hess, P @ jax.grad(fun)(y))
 
-        y_pol = jax.lax.fori_loop(0, 2, newton_step, affine.project(y))
+        y_pol = vma.fori_loop(0, 2, newton_step, affine.project(y))
         mult = affine.multipliers(jax.grad(fun)(y_pol))
         lam_pol = m * mult[mult.shape[0] - k:]
         slack = ineq.slack(y_pol)
@@ -928,7 +931,7 @@ def _polish(problem, fun, y, lam, ineq, params, tol, max_rounds=4):
         return it + 1, y_pol, lam_pol, ok, update
 
     state = (jnp.asarray(0), y, lam, jnp.asarray(False), ineq.active(y, lam))
-    _, y_pol, lam_pol, ok, _ = jax.lax.while_loop(
+    _, y_pol, lam_pol, ok, _ = vma.while_loop(
         lambda st: (st[0] < max_rounds) & ~st[3], body, state
     )
     return jnp.where(ok, y_pol, y), jnp.where(ok, lam_pol, lam)

@@ -47,6 +47,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import linear_solve as ls
+from bilevel_jax._src import vma
 from bilevel_jax._src.argmin import argmin, default_tol
 from bilevel_jax._src.implicit import SolveAux, custom_solution, implicit_solution
 from bilevel_jax._src.tree import tree_all_finite
@@ -252,12 +253,12 @@ def _dense_inner(problem, inner, xf, w0, p):
             t = ls[0] / 2
             return (t, *trial(t))
 
-        t, ok, w_t, res_t = jax.lax.while_loop(ls_cond, ls_body, (jnp.asarray(2.0, dtype),
+        t, ok, w_t, res_t = vma.while_loop(ls_cond, ls_body, (jnp.asarray(2.0, dtype),
                                                                   jnp.asarray(False), w, res))
         return k + 1, jnp.where(ok, w_t, w), jnp.where(ok, res_t, res), ok
 
     res0 = jnp.linalg.norm(residual(w0))
-    k, w, res, _ = jax.lax.while_loop(cond, body, (jnp.asarray(0), w0, res0, jnp.asarray(True)))
+    k, w, res, _ = vma.while_loop(cond, body, (jnp.asarray(0), w0, res0, jnp.asarray(True)))
     # One full Newton step more (kept if it reduces the residual): Newton converges
     # quadratically, so this takes w from the tolerance to about machine precision, which
     # the upper level's reduced gradient (computed at w) needs.
@@ -353,12 +354,13 @@ def _newton(problem, inner, x0, w0, p, tol, max_iter):
     zero = jnp.zeros((), dtype)
     state = (jnp.asarray(0), x0, w0, inf, inf, zero, jnp.zeros_like(x0), inf,
              jnp.ones((), dtype), jnp.asarray(False), jnp.asarray(False), _blank_info(dtype))
-    k, xf, w, _, _, _, _, _, _, _, done, info = jax.lax.while_loop(cond, body, state)
+    k, xf, w, _, _, _, _, _, _, _, done, info = vma.while_loop(cond, body, state)
     return xf, w, k, done, info
 
 
 def _lbfgs(problem, inner, x0, w0, p, tol, max_iter):
     """L-BFGS (optax) on ``phi(x)``, its gradient ``U`` from ``argmin``'s implicit rule."""
+    vma.unsupported("solver='lbfgs'", vma.OPTAX_LINESEARCH, x0, w0, p)
     dtype = problem.dtype
 
     def phi(xf, w_warm):
@@ -386,7 +388,7 @@ def _lbfgs(problem, inner, x0, w0, p, tol, max_iter):
         return k + 1, xf, w, opt_state, jnp.linalg.norm(jax.grad(value_fn)(xf))
 
     state = (jnp.asarray(0), x0, w0, opt.init(x0), jnp.asarray(jnp.inf, dtype))
-    k, xf, w, _, res = jax.lax.while_loop(cond, body, state)
+    k, xf, w, _, res = vma.while_loop(cond, body, state)
     w, inner_info = _inner_solve(problem, inner, xf, w, p)
     return xf, w, k, res <= threshold, inner_info
 
@@ -661,10 +663,13 @@ def _setup(f, g, eq, x0, y0, z):
     eq_conv, eq_consts = None, ()
     if eq is not None:
         m = _check_eq(eq, x0, z, ny)
-        eq_conv, eq_consts = jax.closure_convert(eq, x0, z)
-    f_conv, f_consts = jax.closure_convert(f, x0, y0, z)
-    g_conv, g_consts = jax.closure_convert(g, x0, y0, z)
+        eq_conv, eq_consts = vma.closure_convert(eq, x0, z)
+    f_conv, f_consts = vma.closure_convert(f, x0, y0, z)
+    g_conv, g_consts = vma.closure_convert(g, x0, y0, z)
     params = (z, tuple(f_consts), tuple(g_consts), tuple(eq_consts))
+    # Inside shard_map: one uniformly per-device problem (see vma.py); the identity elsewhere.
+    params = vma.vary_like(params, params, x0f, y0f)
+    x0f, y0f = vma.vary_like((x0f, y0f), params)
 
     def f_flat(xf, yf, p):
         return f_conv(unravel_x(xf), unravel_y(yf), p[0], *p[1]).astype(dtype)

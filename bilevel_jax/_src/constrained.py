@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bilevel_jax._src import kkt
+from bilevel_jax._src import kkt, vma
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.types import Array
 
@@ -170,7 +170,7 @@ def interior_point(fun: Callable, y0, tangent: Callable, ineq: Inequalities, tol
     s0 = jnp.where(fin > 0, jnp.maximum(ineq.slack(y0), 1.0), 1.0)
     lam0 = fin
     state = (jnp.asarray(0), y0, lam0, s0, converged(y0, lam0, s0))
-    k, y, lam, s, conv = jax.lax.while_loop(
+    k, y, lam, s, conv = vma.while_loop(
         lambda st: (st[0] < max_iter) & ~st[4], body, state
     )
     r_d, r_i = residuals(y, lam, s)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from bilevel_jax._src.tree import tree_negative, zero_cotangent
 from bilevel_jax._src.types import PyTree, is_successful
+from bilevel_jax._src.vma import vary_like
 
 
 class SolveAux(NamedTuple):
@@ -47,9 +48,16 @@ class SolveAux(NamedTuple):
     extra: Any = None
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def custom_solution(solve: Callable, backward: Callable, z0: PyTree, theta: PyTree):
     """Run ``solve(z0, theta) -> (z, aux)`` with the reverse rule ``backward``.
+
+    Inside ``jax.shard_map``, ``theta`` and ``z0`` are first marked as varying over every mesh
+    axis over which any of their leaves varies (:func:`~bilevel_jax._src.vma.vary_like`), so
+    the solver sees one uniformly typed problem: its iterates, loop carries and derivatives
+    never mix per-device and replicated values (and the derivative at a replicated warm start
+    is not summed over the devices). The cast is outside the ``custom_vjp``, so the
+    cotangent of a replicated input is summed over the devices as JAX defines it. Outside
+    ``shard_map`` nothing is cast.
 
     Args:
       solve: ``solve(z0, theta) -> (z, aux)``. ``aux`` (diagnostics, a factorisation to reuse
@@ -63,6 +71,12 @@ def custom_solution(solve: Callable, backward: Callable, z0: PyTree, theta: PyTr
     Returns:
       ``(z, aux)``.
     """
+    theta = vary_like(theta, theta, z0)
+    return _custom_solution(solve, backward, vary_like(z0, theta), theta)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _custom_solution(solve, backward, z0, theta):
     return solve(z0, theta)
 
 
@@ -96,7 +110,7 @@ def nan_unless_successful(aux: Any, cotangent: PyTree) -> PyTree:
     return jax.tree_util.tree_map(leaf, cotangent)
 
 
-custom_solution.defvjp(_fwd, _bwd)
+_custom_solution.defvjp(_fwd, _bwd)
 
 
 def implicit_backward(residual: Callable, adjoint_solve: Callable) -> Callable:
@@ -113,10 +127,14 @@ def implicit_backward(residual: Callable, adjoint_solve: Callable) -> Callable:
     """
 
     def backward(zbar, z, theta, aux):
-        _, vjp_z = jax.vjp(lambda z_: residual(z_, theta), z)
-        u = adjoint_solve(lambda u_: vjp_z(u_)[0], zbar, z, theta, aux)
-        _, vjp_theta = jax.vjp(lambda theta_: residual(z, theta_), theta)
-        return tree_negative(vjp_theta(u)[0])
+        # Inside shard_map the residual and its cotangents vary like the problem (vma.py).
+        def res(z_, theta_):
+            return vary_like(residual(z_, theta_), z, theta)
+
+        _, vjp_z = jax.vjp(lambda z_: res(z_, theta), z)
+        u = adjoint_solve(lambda u_: vjp_z(vary_like(u_, z, theta))[0], zbar, z, theta, aux)
+        _, vjp_theta = jax.vjp(lambda theta_: res(z, theta_), theta)
+        return tree_negative(vjp_theta(vary_like(u, z, theta))[0])
 
     return backward
 

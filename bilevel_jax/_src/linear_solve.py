@@ -65,6 +65,7 @@ pre-scaling a right-hand side of size 1e-200 comes back as zero (relative residu
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable
 from functools import partial
@@ -76,6 +77,8 @@ import jax.scipy.linalg as jsp_linalg
 import numpy as np
 from jax import lax
 
+from bilevel_jax._src import vma
+
 __all__ = [
     "DENSE_MAX_SIZE",
     "METHODS",
@@ -83,6 +86,8 @@ __all__ = [
     "Factorization",
     "LinearSolution",
     "attainable_tol",
+    "cho_solve",
+    "cholesky",
     "default_max_iter",
     "default_tol",
     "factorize",
@@ -94,6 +99,7 @@ __all__ = [
     "solve_factorized",
     "symmetric_norm",
     "solve_gmres",
+    "triangular_solve",
     "solve_minres",
     "solve_neumann",
     "solve_normal_cg",
@@ -396,7 +402,7 @@ def _prepare(b: Any, x0: Any, tol: Any, max_iter: Any, ridge: Any):
 # --------------------------------------------------------------------------------------
 
 
-def materialize(matvec: Matvec, n: int, dtype: Any) -> jax.Array:
+def materialize(matvec: Matvec, n: int, dtype: Any, *, like: Any = None) -> jax.Array:
     """Materialise a linear map as a dense matrix.
 
     Builds ``M[:, j] = matvec(e_j)`` by vmapping ``matvec`` over the columns of the identity,
@@ -406,13 +412,16 @@ def materialize(matvec: Matvec, n: int, dtype: Any) -> jax.Array:
       matvec: linear function from shape ``(n,)`` to shape ``(n,)``.
       n: dimension.
       dtype: dtype of the probing vectors and of the returned matrix.
+      like: optional array (the right-hand side) whose ``shard_map`` varying axes the probing
+        vectors take: a ``matvec`` built from ``jax.jvp``/``jax.vjp`` at a per-device point
+        accepts only vectors that vary like that point.
 
     Returns:
       The ``(n, n)`` matrix of ``matvec``.
 
     Cost: one batched application of ``matvec`` to ``n`` vectors; ``O(n^2)`` memory.
     """
-    eye = jnp.eye(n, dtype=dtype)
+    eye = vma.vary_like(jnp.eye(n, dtype=dtype), like)
     rows = jax.vmap(matvec)(eye)  # rows[j] = matvec(e_j) = M[:, j]
     return jnp.asarray(rows).astype(dtype).T
 
@@ -484,8 +493,9 @@ def factorize(matrix: Any, *, structure: str = "general", ridge: Any = 0.0) -> F
             matrix.shape[0], dtype=matrix.dtype
         )
     if structure == "spd":
-        c, _ = jsp_linalg.cho_factor(matrix, lower=True)
-        return Factorization("cholesky", (c,))
+        # The lower factor only (cho_factor leaves the input's upper triangle in place,
+        # which every solve below ignores).
+        return Factorization("cholesky", (cholesky(matrix),))
     lu, piv = jsp_linalg.lu_factor(matrix)
     return Factorization("lu", (lu, piv))
 
@@ -509,9 +519,141 @@ def symmetric_norm(matvec: Callable, like: Any, num_iter: int = 20) -> jax.Array
         return w / jnp.maximum(jnp.sqrt(jnp.sum(w * w)), tiny)
 
     w = jnp.ones_like(like) + jnp.arange(n, dtype=like.dtype) / max(n, 1)
-    w = jax.lax.fori_loop(0, num_iter, lambda _, w: matvec(unit(w)), w)
+    w = vma.fori_loop(0, num_iter, lambda _, w: matvec(unit(w)), w)
     mw = matvec(unit(w))
     return jnp.sqrt(jnp.sum(mw * mw))
+
+
+# --------------------------------------------------------------------------------------
+# Cholesky factorisation and triangular solves that stay safe under jax.vmap on CPU.
+#
+# jaxlib 0.10.2 runs a batched LAPACK kernel (potrf, trsm, ...) by splitting the batch over
+# XLA's intra-op thread pool and waiting for the pieces (``jax::ParallelBatchMap``). When two
+# such kernels run at once on a pool with no spare thread, each waits for work queued behind
+# the other: a deadlock. Reproduction (2-core machine, jaxlib 0.10.2):
+# ``jax.jit(jax.vmap(jax.value_and_grad(loss)))`` with ``loss`` a function of
+# ``solve_qp(Q, c, G=G, h=h)`` over a batch of 40 random strictly convex QPs, n = 80,
+# k = 40 inequalities: the second call hung in 3 of 3 fresh processes (``timeout 150``), and
+# a batch of 64 at n = 200 hung too; gdb showed both "tf_XLAEigen" threads blocked in
+# ``jax::ParallelBatchMap``, one under ``lapack_dpotrf_ffi``, one under ``lapack_dtrsm_ffi``.
+# The same batch through ``lax.map`` completes. So the helpers below call the LAPACK kernel
+# on one matrix at a time when batched (a ``jax.custom_batching.custom_vmap`` rule: a loop
+# over the batch, each call unbatched, which never queues work on the pool); unbatched they
+# are the plain primitives. Their derivatives are those of the plain primitives (a custom
+# JVP), so they stay differentiable to any order.
+
+
+def _sharded_batch(x) -> bool:
+    """Whether the leading (batch) axis of ``x`` is sharded in its type (explicit sharding)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return bool(spec) and spec[0] is not None
+
+
+@functools.cache
+def _looped(fn: Callable) -> Callable:
+    """``fn`` batched by a loop over the batch, differentiated as ``fn`` itself.
+
+    A batch axis sharded over devices in its type (``jax.set_mesh`` with explicit axes)
+    cannot be looped over; such a batch gets ``fn``'s own batching.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def looped(*args):
+        return fn(*args)
+
+    @looped.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        del axis_size
+        if any(_sharded_batch(a) for a, b in zip(args, in_batched, strict=True) if b):
+            axes = [0 if b else None for b in in_batched]
+            return jax.vmap(fn, in_axes=axes)(*args), True
+        mapped = [a for a, b in zip(args, in_batched, strict=True) if b]
+
+        def one(items):
+            items = iter(items)
+            return looped(*(next(items) if b else a for a, b in zip(args, in_batched, strict=True)))
+
+        return lax.map(one, mapped), True
+
+    @jax.custom_jvp
+    def wrapped(*args):
+        return looped(*args)
+
+    @wrapped.defjvp
+    def _jvp(primals, tangents):
+        return jax.jvp(fn, primals, tangents)
+
+    return wrapped
+
+
+def _cholesky_lower(a):
+    return lax.linalg.cholesky(a, symmetrize_input=False)
+
+
+@functools.cache
+def _triangular(left_side: bool, lower: bool, transpose_a: bool) -> Callable:
+    return _looped(
+        functools.partial(
+            lax.linalg.triangular_solve, left_side=left_side, lower=lower,
+            transpose_a=transpose_a,
+        )
+    )
+
+
+def cholesky(a: Any) -> jax.Array:
+    """Lower Cholesky factor ``L`` of a symmetric positive definite ``a`` (``L L' = a``).
+
+    The lower triangle of ``a`` is used as it is (no symmetrisation); a matrix that is not
+    positive definite gives NaN entries. Safe under :func:`jax.vmap` on CPU (see the comment
+    above: batched, the factorisations run one after the other).
+
+    Args:
+      a: array of shape ``(n, n)``.
+
+    Returns:
+      ``L``, lower triangular, shape ``(n, n)``.
+    """
+    return _looped(_cholesky_lower)(a)
+
+
+def triangular_solve(
+    a: Any, b: Any, *, left_side: bool = True, lower: bool = True, transpose_a: bool = False
+) -> jax.Array:
+    """Solve ``op(a) x = b`` (``left_side``) or ``x op(a) = b`` with triangular ``a``.
+
+    As :func:`jax.lax.linalg.triangular_solve` (``op(a) = a'`` when ``transpose_a``), and safe
+    under :func:`jax.vmap` on CPU like :func:`cholesky`.
+
+    Args:
+      a: triangular matrix, shape ``(n, n)``.
+      b: right-hand sides, shape ``(n, k)`` (left side) or ``(k, n)`` (right side).
+      left_side: whether ``a`` multiplies ``x`` from the left.
+      lower: whether ``a`` is lower triangular.
+      transpose_a: whether to use ``a'``.
+
+    Returns:
+      ``x`` with the shape of ``b``.
+    """
+    return _triangular(bool(left_side), bool(lower), bool(transpose_a))(a, b)
+
+
+def cho_solve(chol: Any, b: Any) -> jax.Array:
+    """Solve ``(L L') x = b`` given the lower Cholesky factor ``L`` (:func:`cholesky`).
+
+    Args:
+      chol: ``L``, shape ``(n, n)``.
+      b: right-hand side, shape ``(n,)`` or ``(n, k)``.
+
+    Returns:
+      ``x`` with the shape of ``b``.
+
+    Cost: two triangular solves, ``2 n^2`` flops per right-hand side.
+    """
+    b = jnp.asarray(b)
+    rhs = b[:, None] if b.ndim == 1 else b
+    x = triangular_solve(chol, rhs, left_side=True, lower=True)
+    x = triangular_solve(chol, x, left_side=True, lower=True, transpose_a=True)
+    return x[:, 0] if b.ndim == 1 else x
 
 
 def inverse_products(chol: Any, rows: Any):
@@ -528,8 +670,8 @@ def inverse_products(chol: Any, rows: Any):
     Cost: ``2 n^2 k`` flops; the triangular solves act on the right (``C L^-T``), which XLA's
     CPU backend runs several times faster than left-side solves with ``k`` right-hand sides.
     """
-    V = jax.lax.linalg.triangular_solve(chol, rows, left_side=False, lower=True, transpose_a=True)
-    U = jax.lax.linalg.triangular_solve(chol, V, left_side=False, lower=True).T
+    V = triangular_solve(chol, rows, left_side=False, lower=True, transpose_a=True)
+    U = triangular_solve(chol, V, left_side=False, lower=True).T
     return U, V @ V.T
 
 
@@ -551,7 +693,7 @@ def solve_factorized(factorization: Factorization, b: Any, *, transpose: bool = 
     if kind == "cholesky":
         (c,) = factorization.factors
         dtype = jnp.result_type(c, b)
-        x = jsp_linalg.cho_solve((c, True), b.astype(dtype))
+        x = cho_solve(c, b.astype(dtype))
     elif kind == "lu":
         lu, piv = factorization.factors
         dtype = jnp.result_type(lu, b)
@@ -590,7 +732,7 @@ def solve_dense(
     if n == 0:
         return _empty(b)
     operator = _make_operator(matvec, 0.0, b.dtype, n)
-    matrix = materialize(operator, n, b.dtype)
+    matrix = materialize(operator, n, b.dtype, like=b)
     prob = _Prepared(b, None, None, None)
     x = solve_factorized(factorize(matrix, structure=structure, ridge=ridge), prob.b)
     regularized = _make_operator(lambda v: matrix @ v, ridge, b.dtype, n)
@@ -656,7 +798,7 @@ def solve_cg(
         return k + 1, x, r, p, rs_new, pap == 0
 
     state = (0, x, r, r, rs, jnp.zeros((), bool))
-    k, x, _, _, rs, _ = lax.while_loop(cond, body, state)
+    k, x, _, _, rs, _ = vma.while_loop(cond, body, state)
     return prob.result(operator, x, rs <= thresh2, k)
 
 
@@ -804,7 +946,7 @@ def solve_minres(
         zero,  # tnorm2
         zero,  # gmax
     )
-    final = lax.while_loop(cond, body, state)
+    final = vma.while_loop(cond, body, state)
     # Met: the residual estimate reached the tolerance (not the least-squares or the
     # singular-T_k exits, which leave a residual above it).
     return prob.result(operator, final[2], final[9] <= thresh, final[0])
@@ -892,7 +1034,7 @@ def solve_gmres(
                 a, b_ = h[i], h[i + 1]
                 return h.at[i].set(cs[i] * a + sn[i] * b_).at[i + 1].set(cs[i] * b_ - sn[i] * a)
 
-            h = lax.fori_loop(0, k, rotate, h)
+            h = vma.fori_loop(0, k, rotate, h)
             a = h[k]
             rho = jnp.sqrt(a**2 + h_next**2)
             rmax = jnp.maximum(rmax, rho)
@@ -912,7 +1054,7 @@ def solve_gmres(
 
         zero = jnp.zeros((), dtype)
         state = (jnp.zeros((), int), basis, tri, cs, sn, g, zero, jnp.zeros((), bool))
-        k, basis, tri, _, _, g, _, _ = lax.while_loop(inner_cond, inner_body, state)
+        k, basis, tri, _, _, g, _, _ = vma.while_loop(inner_cond, inner_body, state)
         # Solve the leading k x k triangular system; pad the rest with the identity.
         active = jnp.arange(m) < k
         diag = jnp.diagonal(tri)
@@ -940,7 +1082,7 @@ def solve_gmres(
         return total + k, x, r, beta, stalled
 
     state = (0, x, r, _norm(r), jnp.zeros((), bool))
-    total, x, _, beta, _ = lax.while_loop(outer_cond, outer_body, state)
+    total, x, _, beta, _ = vma.while_loop(outer_cond, outer_body, state)
     return prob.result(operator, x, beta <= thresh, total)
 
 
@@ -1012,7 +1154,7 @@ def solve_normal_cg(
         return k + 1, x, r, p, gamma_new, qq == 0
 
     state = (0, x, r, s, gamma, jnp.zeros((), bool))
-    k, x, r, _, gamma, _ = lax.while_loop(cond, body, state)
+    k, x, r, _, gamma, _ = vma.while_loop(cond, body, state)
     met = (_dot(r, r) <= r_thresh2) | (gamma <= s_thresh2)
     return prob.result(operator, x, met, k)
 
@@ -1063,7 +1205,7 @@ def solve_neumann(
     if isinstance(num_terms, numbers.Integral) and num_terms == 0:
         x = jnp.zeros_like(b)
     else:
-        x = lax.fori_loop(1, num_terms, body, step * b)
+        x = vma.fori_loop(1, num_terms, body, step * b)
     if isinstance(num_terms, jax.Array):
         x = jnp.where(num_terms > 0, x, jnp.zeros_like(x))
     scale = jnp.max(jnp.abs(b))

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from bilevel_jax._src import linear_solve as ls
+from bilevel_jax._src import vma
 from bilevel_jax._src.implicit import SolveAux, implicit_solution
 from bilevel_jax._src.projections import (
     cast_sets,
@@ -241,7 +242,7 @@ def _extragradient(op, proj, z0, tol, max_iter, step_size):
             return jnp.where(ok, s[0], s[0] / 2), zh, Fh, ok
 
         init = (eta, z, Fz, jnp.asarray(False))
-        eta, zh, Fh, ok = jax.lax.while_loop(lambda s: ~s[3] & (s[0] > eta_min), bt_body, init)
+        eta, zh, Fh, ok = vma.while_loop(lambda s: ~s[3] & (s[0] > eta_min), bt_body, init)
         z_new = proj(z - eta * Fh)
         F_new = op(z_new)
         res_new = _norm(z_new - proj(z_new - F_new))
@@ -254,7 +255,7 @@ def _extragradient(op, proj, z0, tol, max_iter, step_size):
         return k + 1, z, Fz, 1.2 * eta, res, bad
 
     state = (jnp.asarray(0), z0, F0, eta0, res0, ~jnp.isfinite(res0))
-    k, z, _, eta, res, bad = jax.lax.while_loop(cond, body, state)
+    k, z, _, eta, res, bad = vma.while_loop(cond, body, state)
     return z, k, res, bad & (res > threshold), eta
 
 
@@ -298,7 +299,7 @@ def _ogda(op, proj, z0, tol, max_iter, step_size):
         )
 
     state = (jnp.asarray(0), z0, F0, z0, F0, eta0, res0, ~jnp.isfinite(res0))
-    k, z, _, _, _, eta, res, bad = jax.lax.while_loop(cond, body, state)
+    k, z, _, _, _, eta, res, bad = vma.while_loop(cond, body, state)
     return z, k, res, bad & (res > threshold), eta
 
 
@@ -331,7 +332,7 @@ def _newton(grad, z0, tol, max_iter):
         def accept(t):
             return _norm(grad(z + t * d)) <= (1 - 1e-4 * t) * gnorm
 
-        t = jax.lax.while_loop(
+        t = vma.while_loop(
             lambda t: ~accept(t) & (t > 1e-10), lambda t: t / 2, jnp.ones_like(gnorm)
         )
         ok = (t > 1e-10) & jnp.all(jnp.isfinite(d))
@@ -340,7 +341,7 @@ def _newton(grad, z0, tol, max_iter):
         return k + 1, z_new, g_new, hess_new, fact_new, ok
 
     state = (jnp.asarray(0), z0, g0, hess0, fact0, jnp.isfinite(res0))
-    k, z, g, hess, fact, _ = jax.lax.while_loop(cond, body, state)
+    k, z, g, hess, fact, _ = vma.while_loop(cond, body, state)
     res = _norm(g)
     return z, k, res, res > limit, hess, fact
 
@@ -363,7 +364,7 @@ def _unrolled(problem, z0, p, solver, max_iter, step_size):
             t = jnp.where(jnp.any(ok), ts[jnp.argmax(ok)], 0.0)
             return z + t * d, None
 
-        z, _ = jax.lax.scan(step, z0, None, length=max_iter)
+        z, _ = vma.scan(step, z0, None, length=max_iter)
         return z, None
     factor = 0.5 if solver == "extragradient" else 0.4
     eta = jax.lax.stop_gradient(_initial_step(op, z0, problem.n_u, step_size, factor))
@@ -373,7 +374,7 @@ def _unrolled(problem, z0, p, solver, max_iter, step_size):
             zh = proj(z - eta * op(z))
             return proj(z - eta * op(zh)), None
 
-        z, _ = jax.lax.scan(step, z0, None, length=max_iter)
+        z, _ = vma.scan(step, z0, None, length=max_iter)
         return z, eta
 
     def step_ogda(carry, _):
@@ -381,7 +382,7 @@ def _unrolled(problem, z0, p, solver, max_iter, step_size):
         Fz = op(z)
         return (proj(z - eta * (2 * Fz - F_prev)), Fz), None
 
-    (z, _), _ = jax.lax.scan(step_ogda, (z0, op(z0)), None, length=max_iter)
+    (z, _), _ = vma.scan(step_ogda, (z0, op(z0)), None, length=max_iter)
     return z, eta
 
 
@@ -400,7 +401,7 @@ def _hessian_norm(obj, x, num_iter=10):
         w = hvp(w)
         return w / jnp.maximum(_norm(w), tiny)
 
-    return _norm(hvp(jax.lax.fori_loop(0, num_iter, body, w)))
+    return _norm(hvp(vma.fori_loop(0, num_iter, body, w)))
 
 
 def _gap(problem, z, p, num_steps, lips=None):
@@ -447,7 +448,7 @@ def _gap(problem, z, p, num_steps, lips=None):
 
     start = jnp.stack([f0, -f0])
     state = (u, v, u, v, jnp.ones(2, z.dtype), start, start)
-    best = jax.lax.fori_loop(0, num_steps, step, state)[6]
+    best = vma.fori_loop(0, num_steps, step, state)[6]
     return jnp.sum(best - start)
 
 
@@ -455,7 +456,8 @@ def _dense_hessian(problem, z, p):
     """The Hessian of ``f`` in ``z = (u, v)`` (``n`` Hessian-vector products)."""
     z, p = jax.lax.stop_gradient((z, p))
     grad = lambda z_: problem.gradient(z_, p)  # noqa: E731
-    return jax.vmap(lambda w: jax.jvp(grad, (z,), (w,))[1])(jnp.eye(z.shape[0], dtype=z.dtype))
+    eye = vma.vary_like(jnp.eye(z.shape[0], dtype=z.dtype), z)  # tangents vary like z
+    return jax.vmap(lambda w: jax.jvp(grad, (z,), (w,))[1])(eye)
 
 
 def _curvature(hess, n_u):
@@ -659,7 +661,7 @@ def saddle_point(
         else:
             max_iter = {"newton": 50, "extragradient": 10000, "ogda": 20000}[solver]
 
-    f_conv, f_consts = jax.closure_convert(f, u0, v0, theta)
+    f_conv, f_consts = vma.closure_convert(f, u0, v0, theta)
     params = (theta, tuple(f_consts), cast_sets(u_set, dtype), cast_sets(v_set, dtype))
     problem = _Problem(
         lambda uf, vf, p: f_conv(unravel_u(uf), unravel_v(vf), p[0], *p[1]),
@@ -669,6 +671,9 @@ def saddle_point(
         constrained,
     )
     z0 = jax.lax.stop_gradient(jnp.concatenate([u_flat0, v_flat0]).astype(dtype))
+    # Inside shard_map: one uniformly per-device problem (see vma.py); the identity elsewhere.
+    params = vma.vary_like(params, params, z0)
+    z0 = vma.vary_like(z0, params)
 
     if hypergrad == "implicit":
 

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bilevel_jax._src import kkt
+from bilevel_jax._src import kkt, vma
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.implicit import custom_solution, implicit_backward
 from bilevel_jax._src.types import Array, ArrayLike, Info, Status, check_info, make_info
@@ -460,7 +460,7 @@ def _equilibrate(qp: _QP, valid, iters=10) -> _Scaling:
         return D * inv_sqrt(jnp.maximum(col_q, col_c)), E * inv_sqrt(row_c)
 
     ones = (jnp.ones_like(c), jnp.ones((aC.shape[0],), Q.dtype))
-    D, E = lax.fori_loop(0, iters, sweep, ones)
+    D, E = vma.fori_loop(0, iters, sweep, ones)
     cost = jnp.maximum(jnp.mean(jnp.max(aQ * D[None, :], axis=1) * D), _amaxes(D * c)[0])
     sigma = 1 / jnp.where(cost < 1e-4, 1, jnp.minimum(cost, 1e4))
     return _Scaling(D, E, sigma)
@@ -546,12 +546,12 @@ def _prepare(qp: _QP, valid) -> _Prepared:
     eye = jnp.eye(Q.shape[0], dtype=dtype)
 
     def factor(delta):
-        return lax.linalg.cholesky(Q + (delta * scale) * eye, symmetrize_input=False)
+        return ls.cholesky(Q + (delta * scale) * eye)
 
     chol_q = factor(10 * eps)
     pivot = jnp.min(jnp.abs(jnp.diagonal(chol_q))) ** 2
     healthy = jnp.all(jnp.isfinite(chol_q)) & (pivot > eps**0.5 * scale)
-    chol_q = lax.cond(healthy, lambda: chol_q, lambda: factor(eps**0.5))
+    chol_q = vma.cond(healthy, lambda: chol_q, lambda: factor(eps**0.5))
     convex = jnp.all(jnp.isfinite(chol_q))
     Uc, Wc = ls.inverse_products(chol_q, jnp.concatenate([C, c[None, :]]))
     # float32 directions are only accurate to eps cond(K) ~ the tolerance itself: one
@@ -577,7 +577,7 @@ def _factor(pre: _Prepared, m, e, delta=None):
     eye = jnp.eye(base.shape[0], dtype=dtype)
 
     def factor(delta):
-        return lax.linalg.cholesky(base + (delta * scale) * eye, symmetrize_input=False)
+        return ls.cholesky(base + (delta * scale) * eye)
 
     if delta is not None:
         return factor(delta)
@@ -585,7 +585,7 @@ def _factor(pre: _Prepared, m, e, delta=None):
     chol = factor(small)
     pivot = jnp.min(jnp.abs(jnp.diagonal(chol)), initial=jnp.inf) ** 2
     healthy = jnp.all(jnp.isfinite(chol)) & (pivot > 1e3 * small * scale)
-    return lax.cond(healthy, lambda: chol, lambda: factor(_regularisation(dtype)))
+    return vma.cond(healthy, lambda: chol, lambda: factor(_regularisation(dtype)))
 
 
 def _kkt_apply(pre: _Prepared, m, e, x):
@@ -605,8 +605,8 @@ def _kkt_solve(pre: _Prepared, chol_s, m, e, r, steps=1, t=None):
 
     def solve(r1, r2, t=None):
         if t is None:
-            t = jax.scipy.linalg.cho_solve((pre.chol_q, True), r1)
-        x2 = jax.scipy.linalg.cho_solve((chol_s, True), m * _mm(pre.C, t) - r2)
+            t = ls.cho_solve(pre.chol_q, r1)
+        x2 = ls.cho_solve(chol_s, m * _mm(pre.C, t) - r2)
         return t - _mm(pre.U, m * x2), x2
 
     def refine(_, x):
@@ -614,7 +614,7 @@ def _kkt_solve(pre: _Prepared, chol_s, m, e, r, steps=1, t=None):
         d1, d2 = solve(r1 - a1, r2 - a2)
         return x[0] + d1, x[1] + d2
 
-    return lax.fori_loop(0, steps, refine, solve(r1, r2, t))
+    return vma.fori_loop(0, steps, refine, solve(r1, r2, t))
 
 
 def _solve_original(pre: _Prepared, sc: _Scaling, m, e, r, delta=None, steps=1, ridge=0.0):
@@ -672,9 +672,9 @@ def _dual_step(pre: _Prepared, y, x, tau, rd):
     """
     Ux = _mm(pre.U, x)
     y_, q_, Ux_ = _amaxes(y, pre.q_c * tau, Ux)
-    return lax.cond(
+    return vma.cond(
         (Ux_ > 1e3 * (1 + y_ + q_)) | pre.singular,
-        lambda: jax.scipy.linalg.cho_solve((pre.chol_q, True), rd),
+        lambda: ls.cho_solve(pre.chol_q, rd),
         lambda: y + pre.q_c * tau + Ux,
     )
 
@@ -702,7 +702,7 @@ def _initial_point(qp: _QP, pre: _Prepared, sc: _Scaling, valid, init, warm):
         lam = jnp.where(valid, jnp.maximum(lam, floor), 0)
         return y, nu, lam, s
 
-    return lax.cond(warm, warm_start, lambda: _cold_start(qp, pre, valid))
+    return vma.cond(warm, warm_start, lambda: _cold_start(qp, pre, valid))
 
 
 def _cold_start(qp: _QP, pre: _Prepared, valid):
@@ -757,6 +757,7 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
     m_all = jnp.ones((d.shape[0],), dtype)
     zeros_p = jnp.zeros((p,), dtype)
     tiny = jnp.finfo(dtype).tiny
+    no = vma.vary_like(jnp.zeros((), bool), qp)  # (varying like the data under shard_map)
 
     def original(y, nu, lam, s, tau):
         y, nu, lam = _unscale(scaling, y / tau, nu / tau, lam / tau)
@@ -770,8 +771,7 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
 
     def classify(y, nu, lam, s, tau, kappa):
         residual = _measure(orig, sc_orig, *original(y, nu, lam, s, tau), valid, eps_inf).residual
-        no = jnp.zeros((), bool)
-        pinf, dinf = lax.cond(kappa > tau, certificates, lambda *_: (no, no), y, nu, lam, s)
+        pinf, dinf = vma.cond(kappa > tau, certificates, lambda *_: (no, no), y, nu, lam, s)
         flag = jnp.where(pinf, _PINF, jnp.where(dinf, _DINF, _RUNNING))
         return jnp.where(residual <= target, _CONVERGED, flag), residual
 
@@ -833,7 +833,7 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
             jnp.zeros_like(tau), jnp.zeros_like(kappa),
         )
         start = (vf * s * lam, tau * kappa, jnp.ones_like(tau), zero_step)
-        *_, step = lax.fori_loop(0, 2, predictor_corrector, start)
+        *_, step = vma.fori_loop(0, 2, predictor_corrector, start)
         t = jnp.minimum(1, 0.99 * longest(step))
         dy, dnu, dlam, ds, dtau, dkappa = step
         new = (
@@ -847,8 +847,7 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
         old = (y, nu, lam, s, tau, kappa)
         y, nu, lam, s, tau, kappa = (jnp.where(finite, a, o) for a, o in zip(new, old, strict=True))
         flag, residual = classify(y, nu, lam, s, tau, kappa)
-        no = jnp.zeros((), bool)
-        pinf, dinf = lax.cond(finite, lambda *_: (no, no), certificates, y, nu, lam, s)
+        pinf, dinf = vma.cond(finite, lambda *_: (no, no), certificates, y, nu, lam, s)
         stop = jnp.where(pinf, _PINF, jnp.where(dinf, _DINF, _NONFINITE))
         flag = jnp.where(finite, flag, stop)
         return it + finite.astype(it.dtype), y, nu, lam, s, tau, kappa, flag, residual
@@ -874,10 +873,10 @@ def _ipm(orig: _QP, sc_orig: _Scales, qp: _QP, scaling: _Scaling, pre: _Prepared
         return (flag == _RUNNING) & (it < max_iter) & pre.convex & ~stalled
 
     y, nu, lam, s = _initial_point(qp, pre, scaling, valid, init, warm)
-    one = jnp.ones((), dtype)
+    one = vma.vary_like(jnp.ones((), dtype), qp)
     state = (jnp.asarray(0, jnp.int32), y, nu, lam, s, one, one)
     state = (*state, *classify(y, nu, lam, s, one, one))
-    state, best = lax.while_loop(cond, body, (state, normalised(state)))
+    state, best = vma.while_loop(cond, body, (state, normalised(state)))
     it, flag = state[0], state[7]
     certificate = (flag == _PINF) | (flag == _DINF)
     point = tuple(
@@ -931,7 +930,7 @@ def _polish(qp: _QP, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max_rounds
     m0 = valid & (out.lam > out.s)
     z = (jnp.zeros_like(out.y), jnp.zeros_like(out.nu), jnp.zeros_like(out.lam))
     state = (jnp.asarray(0, jnp.int32), z, m0, jnp.asarray(False), m0)
-    _, z, m, ok, _ = lax.while_loop(cond, body, state)
+    _, z, m, ok, _ = vma.while_loop(cond, body, state)
     return z, ok, m
 
 
@@ -970,7 +969,7 @@ def _forward(theta, init, warm, polish, ridge, tol, max_iter):
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
     polish = polish & (out.flag != _PINF) & (out.flag != _DINF) & pre.convex
-    z_p, ok, _ = lax.cond(polish, lambda: _polish(qp, pre, out, valid, ridge, tol), skip)
+    z_p, ok, _ = vma.cond(polish, lambda: _polish(qp, pre, out, valid, ridge, tol), skip)
     z_p = _unscale(scaling, *z_p)
     residual_p = _point_residual(orig, sc, *z_p, valid)
     ok = polish & ok & (residual_p <= jnp.maximum(residual, tol))
@@ -1053,7 +1052,7 @@ def _central_path_point(theta, z, mu, tol, max_iter, pre=None, scaling=None):
         return (state[0] < max_iter) & (state[5] > tol)
 
     state = (jnp.asarray(0, jnp.int32), y, nu, lam, s, residual(y, nu, lam, s))
-    _, y, nu, lam, _, _ = lax.while_loop(cond, body, state)
+    _, y, nu, lam, _, _ = vma.while_loop(cond, body, state)
     return _unscale(scaling, y, nu, jnp.where(valid, lam, 0))
 
 
