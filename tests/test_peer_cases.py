@@ -32,8 +32,6 @@ import bilevel_jax as bj
 # test name (or "name[param id]") -> why it fails today. Strict: an entry that starts passing
 # fails the suite until it is removed here.
 XFAIL = {
-    "test_qpax_random_float64[3]": "2 of 1,000 MAX_STEPS: cond(Q) 6e7 and 6e8; the iteration "
-    "stalls at residual 2e-9, above tol 1e-10, until the 50-iteration cap",
 }
 
 S = bj.Status
