@@ -633,7 +633,9 @@ def _solve_original(pre: _Prepared, sc: _Scaling, m, e, r, delta=None, steps=1, 
     e_hat = e * E**2 / sigma + jnp.asarray(ridge, e.dtype) * m
     chol_s = _factor(pre, m, e_hat, delta)
     r_hat = (s1 * r[0], s2 * r[1])
-    x1, x2 = _kkt_solve(pre, chol_s, m, e_hat, r_hat, steps + pre.refine)
+    # (three times the forward's refinement steps when Q is nearly singular: the backward
+    # system's contraction factor delta |K^-1| can be close to 1 there)
+    x1, x2 = _kkt_solve(pre, chol_s, m, e_hat, r_hat, steps + 3 * pre.refine)
     a1, a2 = _kkt_apply(pre, m, e_hat, (x1, x2))
     res, r1_, r2_, x1_, x2_, q_, c_, e_ = _amaxes(
         jnp.concatenate([a1 - r_hat[0], a2 - r_hat[1]]), *r_hat, x1, x2, pre.Q, pre.C, e_hat
@@ -978,7 +980,9 @@ def _forward(theta, init, warm, polish, ridge, tol, max_iter):
     # Status: non-finite data > nonconvex > infeasible (certificate or h_i = -inf) >
     # unbounded > converged (residual of the returned, best point) > non-finite iterate (the
     # homogeneous iterate overflowed with no certificate) > max steps.
-    finite = jnp.all(jnp.isfinite(jnp.stack(list(sc)))) & ~jnp.any(jnp.isnan(h))
+    finite = ~jnp.any(jnp.isnan(h))
+    for a in (Q, c, A, b, G):
+        finite = finite & jnp.all(jnp.isfinite(a))
     converged = residual <= tol
     overflow = (out.flag == _NONFINITE) | ~jnp.isfinite(residual)
     finite = finite & (~overflow | converged | ~pre.convex)
