@@ -37,9 +37,6 @@ import reference as ref_mod
 # ------------------------------------------------------------------ known failures (one place)
 
 KNOWN_FAILURES = {
-    "qp-float32-small_margin-answers": "multipliers/slacks 1e-5..1e-3: y 2e-3 off and "
-                                       "hypergradients O(1) off at SUCCESS (active set "
-                                       "misidentified at float32 tolerance)",
     "qp-float32-singular_psd-answers": "y 4e-3 and d/dQ 3e-2 off at SUCCESS (condition "
                                        "number 1.6e3)",
     "qp-float32-lp-answers": "LPs: y 1.3e-3 off, d/dQ (exactly 0) up to 4x the gradient's "
