@@ -424,8 +424,8 @@ def main(argv=None) -> int:
             if verd != "solved":
                 failures.append(f"{name}: {verd} status={res['status']} iters={res['iters']} "
                                 f"info.residual={res['residual']:.1e} ({describe(prob)})"
-                                + (f"; grad {res['grad_err']:.1e}, hg err {res['hg_err']:.1e}"
-                                   if grad_off else ""))
+                                + (f"; grad {fmt_err(res['grad_err'])}, hg err "
+                                   f"{fmt_err(res['hg_err'])}" if grad_off else ""))
         except Exception as err:  # noqa: BLE001 - a crash is a result, keep going
             counts["CRASH"] += 1
             line = f"{name:<10} CRASH {type(err).__name__}: {str(err)[:120]}"
