@@ -36,6 +36,7 @@ from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.argmin import argmin
 from bilevel_jax._src.implicit import implicit_solution
 from bilevel_jax._src.problems import BilevelProblem
+from bilevel_jax._src.progress import make_progress
 from bilevel_jax._src.projections import is_set
 from bilevel_jax._src.projections import project as project_onto
 from bilevel_jax._src.smoothing import DISTRIBUTIONS, linear_perturbation
@@ -134,11 +135,15 @@ class Algorithm(NamedTuple):
     Attributes:
       init: ``init(x0, key) -> State``.
       step: ``step(state, *batch) -> (State, StepInfo)``; ``batch`` goes to ``f(x, y, *batch)``.
-      run: ``run(x0, key, num_steps, *, batches=None, callback=None) -> (x, history)``:
-        ``num_steps`` steps in a ``lax.scan`` (``history`` the stacked :class:`StepInfo`,
-        ``x = output(final state)``); ``batches`` is a tuple of arrays with leading axis
-        ``num_steps``; ``callback(step_index, info)`` runs through ``jax.debug.callback``.
-        Jit it with ``jax.jit(alg.run, static_argnames=("num_steps", "callback"))``.
+      run: ``run(x0, key, num_steps, *, batches=None, callback=None, verbose=False) -> (x,
+        history)``: ``num_steps`` steps in a ``lax.scan`` (``history`` the stacked
+        :class:`StepInfo`, ``x = output(final state)``); ``batches`` is a tuple of arrays with
+        leading axis ``num_steps``; ``callback(step_index, info)`` runs through
+        ``jax.debug.callback``. ``verbose=True`` shows progress (value, hypergradient norm,
+        status name): a tqdm bar if tqdm is installed (``pip install
+        "bilevel_jax[progress]"``), else a printed line every ``num_steps // 10`` steps;
+        ``"tqdm"`` or ``"print"`` choose. Under ``jax.vmap`` the display follows one member.
+        Jit it with ``jax.jit(alg.run, static_argnames=("num_steps", "callback", "verbose"))``.
       output: ``output(state) -> x``: the iterate, or O2NC's best block average.
     """
 
@@ -417,8 +422,9 @@ def _finish(lower, x_eval, value, grad, y, res, status, backtracks=0):
 
 
 def _build(init, step, output):
-    def run(x0, key, num_steps, *, batches=None, callback=None):
+    def run(x0, key, num_steps, *, batches=None, callback=None, verbose=False):
         _check_int("num_steps", num_steps, 0)
+        display = make_progress(num_steps, verbose)
         if batches is not None:
             batches = tuple(batches) if isinstance(batches, (tuple, list)) else (batches,)
             for leaf in jax.tree_util.tree_leaves(batches):
@@ -433,6 +439,8 @@ def _build(init, step, output):
             new_state, info = step(state, *(() if batch is None else batch))
             if callback is not None:
                 jax.debug.callback(callback, state.count, info)
+            if display is not None:
+                jax.debug.callback(display, state.count, info.value, info.grad_norm, info.status)
             return new_state, info
 
         state, history = jax.lax.scan(body, init(x0, key), batches, length=num_steps)
