@@ -5,7 +5,7 @@ The layer maps an input ``z`` (any pytree) to the solution ``(x*, y*)`` of
     x*(z) = argmin_x f(x, y*(x, z), z),      y*(x, z) = argmin_y g(x, y, z)  [s.t. A y = b],
 
 and differentiates both outputs with respect to ``z`` and to every array that ``f``, ``g`` or
-``eq`` close over (Alesiani, AAAI 2023; ALGORITHMS.md §1.8).
+``eq`` close over (Alesiani, AAAI 2023; docs page ``lower/bilevel-layer.md``).
 
 Notation on flattened variables: ``w = y`` (or ``w = (y, nu)`` with linear equalities, ``nu``
 their multipliers), ``ell = g + nu^T (A y - b)`` the lower-level Lagrangian,
@@ -409,7 +409,7 @@ def _saddle_adjoint(method, ridge, report=False):
 
 
 def _schur_backward(problem, method, ridge, report=False):
-    """The four-solve Schur push-back (ALGORITHMS.md §1.8)."""
+    """The four-solve Schur push-back."""
     nx, nw = problem.nx, problem.nw
 
     def U_fn(xf, w, p):

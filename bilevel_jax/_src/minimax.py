@@ -21,7 +21,7 @@ Hypergradient rules:
 
 * ``"implicit"``: the implicit function theorem on the residual. Without sets the residual
   is written ``[grad_u f; grad_v f]``, whose Jacobian is the symmetric indefinite saddle
-  matrix ``K = [[f_uu, f_uv], [f_vu, f_vv]]`` (ALGORITHMS.md §1.7): solve ``K w = zbar`` (dense
+  matrix ``K = [[f_uu, f_uv], [f_vu, f_vv]]`` (docs: minimax page): solve ``K w = zbar`` (dense
   LU, reusing Newton's factorisation, or MINRES) and return ``-d/dtheta <w, grad f>``. With
   sets the natural map is differentiated (autodiff of the projection gives the mask / the
   tangent projector of the active face): ``(I - D (I - J))^T w = zbar`` with ``D`` the
@@ -521,7 +521,7 @@ def saddle_point(
     reverse mode with respect to ``theta``, to every array that ``f`` closes over, and to the
     data of the sets (e.g. a box bound).
 
-    Implicit rule (ALGORITHMS.md §1.7). Without sets the residual is ``grad f(z) = 0`` and
+    Implicit rule (docs ``lower/minimax.md``). Without sets the residual is ``grad f(z) = 0`` and
     ``K = [[f_uu, f_uv], [f_vu, f_vv]]`` is symmetric indefinite (``f_uu > 0``, ``f_vv < 0``
     make it nonsingular); the adjoint ``K w = (ubar, vbar)`` gives
     ``thetabar = -d/dtheta <w, grad f(z*, theta)>``. With sets the natural residual is
@@ -612,7 +612,7 @@ def saddle_point(
     Examples:
       >>> import jax, jax.numpy as jnp
       >>> import bilevel_jax as bj
-      >>> def g(y1, y2, x):  # ALGORITHMS.md T3: y1* = -x/6, y2* = -2x/3
+      >>> def g(y1, y2, x):  # y1* = -x/6, y2* = -2x/3
       ...     return y1**2 + y1 * y2 - 0.5 * y2**2 + x * y1 - 0.5 * x * y2
       >>> sol = bj.saddle_point(g, 0.0, 0.0, 1.0)
       >>> dy1 = jax.grad(lambda x: bj.saddle_point(g, 0.0, 0.0, x).u)(1.0)  # -1/6

@@ -5,7 +5,7 @@ leaves, so a set can be traced, batched with :func:`jax.vmap` and differentiated
 that depends on a hyperparameter receives its gradient. Every set has one method,
 ``project(z)``, the Euclidean projection ``argmin_{x in C} ||x - z||``, which is pure, jittable
 and differentiable almost everywhere (its Jacobian is the projector onto the tangent space of
-the active face, the mask of ALGORITHMS.md §1.3 for a box).
+the active face; for a box, the 0/1 mask of the free coordinates).
 
 | set | projection of ``z`` | cost |
 |---|---|---|
