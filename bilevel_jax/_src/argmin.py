@@ -19,13 +19,14 @@ Hypergradient rules:
   null-space form ``(P H P + I - P) w_N = P (ybar - H w_R)``, ``w_R = A^+ nubar``,
   ``mu = (A^+)^T (ybar - H w)`` (Cholesky, reusing Newton's factorisation, or CG), or as a
   full symmetric system (MINRES, LU, GMRES, ...); then ``thetabar = -d/dtheta <(w, mu), r>``.
-* ``"finite_difference"``: first-order, Hessian-free (ALGORITHMS.md §1.6, Kornowski et al.).
+* ``"finite_difference"``: first-order, Hessian-free (Kornowski et al.; docs page "Unconstrained").
 * ``"unrolled"``: reverse-mode through a fixed number of solver steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -36,7 +37,7 @@ from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import kkt, vma
 from bilevel_jax._src import linear_solve as ls
-from bilevel_jax._src.constrained import Inequalities, interior_point, masked_residual
+from bilevel_jax._src.constrained import Inequalities, masked_residual, qp_adjoint, sqp
 from bilevel_jax._src.implicit import SolveAux, custom_solution, implicit_solution
 from bilevel_jax._src.tree import is_inexact, tree_all_finite, tree_scale
 from bilevel_jax._src.types import (
@@ -50,7 +51,7 @@ from bilevel_jax._src.types import (
 )
 from bilevel_jax._src.validation import check_option, check_scalar_output, flatten_variables
 
-SOLVERS = ("auto", "newton", "lbfgs", "gradient", "interior_point")
+SOLVERS = ("auto", "newton", "lbfgs", "gradient", "sqp")
 HYPERGRADS = ("implicit", "penalty", "finite_difference", "unrolled")
 LINEAR_SOLVERS = (
     "auto", "cholesky", "cg", "neumann", "dense", "lu", "minres", "gmres", "normal_cg"
@@ -169,7 +170,7 @@ class _Problem(NamedTuple):
         return value
 
     def multipliers(self, y, lam, params):
-        """Least-squares ``(nu, lam)`` on the equalities and the active rows (§2.4)."""
+        """Least-squares ``(nu, lam)`` on the equalities and the active rows."""
         ineq = self.inequalities(params)
         m_eq = 0 if self.equalities is None else self.equalities(params)[0].shape[0]
         extra = None
@@ -519,6 +520,9 @@ def _adjoint_solve(problem, method: str, ridge: float, report: bool = False):
             return unflat(ls.solution_or_nan(sol, report=report, what="argmin adjoint solve"))
         fact = aux[1] if ridge == 0.0 and method == "auto" else None
         ineq = problem.inequalities(params)
+        if ineq is not None and fact is not None:
+            # The forward's factorisation of the last QP subproblem, refined on the exact K.
+            return qp_adjoint(vjp_z, zbar, z, ineq, fact)
         if ineq is None:
             w, mu = kkt_adjoint(hvp, v, nubar, problem.affine(params), fact, method,
                                 report=report)
@@ -539,7 +543,7 @@ def _adjoint_solve(problem, method: str, ridge: float, report: bool = False):
 
 
 def _finite_difference_backward(problem, solver, delta, tol, max_iter):
-    """ALGORITHMS.md §1.6: ``[grad_theta l(y_d, nu_d) - grad_theta l(y*, nu*)] / delta``.
+    """Finite differences: ``[grad_theta l(y_d, nu_d) - grad_theta l(y*, nu*)] / delta``.
 
     ``(y_d, nu_d)`` solves the lower level with ``g + delta <v, y>`` (``v = ybar / |ybar|``);
     by the envelope theorem the difference quotient tends to ``v^T Dy*`` with error
@@ -569,7 +573,7 @@ def _finite_difference_backward(problem, solver, delta, tol, max_iter):
 
 
 def _penalty_backward(problem, alpha, tol, max_iter):
-    """The F2CBA penalty oracle as a VJP (ALGORITHMS.md §1.5, Kornowski et al.).
+    """The F2CBA penalty oracle as a VJP (Kornowski et al.; docs ``lower/inequality.md``).
 
     With ``(y*, nu*, lam*)`` and the active rows ``c_I(y) = [A y - b; G_I y - h_I]`` held
     fixed, for ``v = ybar / |ybar|`` solve the *unconstrained* problem
@@ -655,13 +659,22 @@ def argmin(
     to every array that ``g``, ``eq``, ``ineq`` or ``box`` close over. The KKT conditions are
     ``grad_y g + A^T nu + G^T lam = 0``, ``A y = b``, ``0 <= lam _|_ h - G y >= 0``.
 
-    The implicit rule differentiates the KKT system on the active set (rows with
-    ``lam_i > 10 (h_i - G_i y)``; weakly active rows, ``lam_i = 0``, count as inactive, which
-    gives the one-sided derivative along directions that leave them): it solves
+    With ``ineq`` (or ``box`` together with ``eq``/``ineq``) the forward solve is sequential
+    quadratic programming over the engine of :func:`solve_qp`: each step solves the quadratic
+    model of ``g`` at the iterate under the constraints (homogeneous interior point, then the
+    active-set polish), with an Armijo test on an exact penalty; a quadratic ``g`` takes one
+    step, so it costs what ``solve_qp`` costs.
+
+    The implicit rule differentiates the KKT system on the active set (the one rule of the
+    library: rows tight to ``sqrt(tol)`` with a multiplier above ``sqrt(tol)``, both relative
+    and per unit row norm; weakly active rows count as inactive, which gives the one-sided
+    derivative along directions that leave them): it solves
     ``[H A_I^T; A_I 0] [w; mu] = [ybar; nubar_I]`` (``H`` the Hessian of ``g``, ``A_I`` the
     equality and active rows) and returns ``thetabar = -d/dtheta <(w, mu), r(y*, nu*, lam*)>``
-    with ``r`` the masked KKT residual (ALGORITHMS.md §1.0–§1.3). Dependent active rows are
-    allowed (minimum-norm ``mu``). For ``box`` constraints the rule is matrix-free:
+    with ``r`` the masked KKT residual (docs ``lower/inequality.md``). By default the system
+    is solved through the last QP subproblem's factorisation, refined against the exact
+    Hessian at ``y*``; a system that is singular on the identified active set gives NaN
+    cotangents. For ``box`` constraints alone the rule is matrix-free:
     ``H_FF u_F = ybar_F`` on the free coordinates by CG with masked Hessian-vector products.
 
     Assumptions: ``g`` twice differentiable and strongly convex in ``y`` (on ``null(A)``);
@@ -685,7 +698,7 @@ def argmin(
     failures return the last iterate. ``hypergrad="unrolled"`` differentiates the steps it
     ran whatever the status.
 
-    Cost: Newton and the interior point form the ``n x n`` Hessian (``n`` up to a few
+    Cost: Newton and SQP form the ``n x n`` Hessian (``n`` up to a few
     thousand); L-BFGS and the projected gradient method use gradients only and the implicit
     rule then uses Hessian-vector products (CG), which scales to ``10^6`` variables for box
     constraints. Under ``jax.vmap`` a ``while_loop`` runs until the slowest member of the batch
@@ -703,10 +716,10 @@ def argmin(
         allowed. Alone, it is handled matrix-free; with ``eq`` or ``ineq`` it becomes rows of
         ``G``.
       solver: ``"newton"`` (dense, Armijo line search), ``"lbfgs"`` (optax), ``"gradient"``
-        (accelerated projected gradient), ``"interior_point"`` (primal-dual, dense; the only
-        one for ``ineq``) or ``"auto"``: interior point with ``ineq``, projected gradient with
-        ``box`` alone, else Newton when ``n <= 500`` and L-BFGS above (``"gradient"`` when
-        unrolled).
+        (accelerated projected gradient), ``"sqp"`` (sequential QP over the ``solve_qp``
+        engine, dense; the only one for ``ineq``) or ``"auto"``: SQP with ``ineq``, projected
+        gradient with ``box`` alone, else Newton when ``n <= 500`` and L-BFGS above
+        (``"gradient"`` when unrolled).
       hypergrad: ``"implicit"`` (exact KKT on the active set); ``"penalty"`` (first-order,
         Hessian-free F2CBA oracle: one unconstrained solve per VJP, error ``O(alpha)``,
         ``O(alpha^2)`` for quadratic ``g``; ``eq``/``ineq``); ``"finite_difference"``
@@ -721,8 +734,8 @@ def argmin(
         tolerance (default 1e-12 relative residual in float64, 1e-6 in float32, below the
         forward tolerance) makes the hypergradient NaN rather than silently inaccurate.
       tol: relative tolerance on the KKT residual (default 1e-10 in float64, 1e-5 in float32).
-      max_iter: iteration limit (defaults: 100 Newton, 2000 L-BFGS, 10000 gradient, 200
-        interior point; unrolled: 20 Newton or 500 gradient steps).
+      max_iter: iteration limit (defaults: 100 Newton, 2000 L-BFGS, 10000 gradient, 50 SQP
+        steps; unrolled: 20 Newton or 500 gradient steps).
       ridge: ``ridge >= 0`` added to the Hessian in the backward solve: the result is then the
         hypergradient of the lower level with ``g + ridge/2 ||y||^2`` linearised at ``y*``.
       delta: perturbation of the ``"finite_difference"`` rule.
@@ -782,16 +795,60 @@ def argmin(
             max_iter = 20 if solver == "newton" else 500
         else:
             max_iter = {"newton": 100, "lbfgs": 2000, "gradient": 10000,
-                        "interior_point": 200}[solver]
+                        "sqp": 50}[solver]
 
     # Closure conversion: arrays the user functions close over become differentiable inputs.
+    # jax.closure_convert caches the converted function per (function, argument types), so a
+    # repeated call with the same functions and shapes hits the compilation cache of _solve.
+    # As with jax.jit, functions must be pure: a global they read is captured when they are
+    # first traced (JAX's trace cache), so pass changing data through theta or a closure.
     g_conv, g_consts = vma.closure_convert(g, y0, theta)
-    fns = {"eq": eq, "ineq": ineq, "box": box}
     converted, consts = {}, {}
-    for name, fn in fns.items():
+    for name, fn in (("eq", eq), ("ineq", ineq), ("box", box)):
         if fn is not None:
             converted[name], consts[name] = vma.closure_convert(fn, theta)
-    params = (theta, tuple(g_consts), {k: tuple(v) for k, v in consts.items()})
+    for name, fn, mat, vec in (("eq", eq, "A", "b"), ("ineq", ineq, "G", "h")):
+        if fn is not None:
+            _check_rows(name, fn, theta, n, mat, vec)
+    if box is not None:
+        _check_box_concrete(_box_bounds(box, theta, y0, unravel), box, theta)
+    options = _Options(solver, hypergrad, linear_solver, float(tol), int(max_iter), float(ridge),
+                       float(delta), float(alpha), bool(throw))
+    fns = (g_conv, converted.get("eq"), converted.get("ineq"), converted.get("box"))
+    y, nu, lam, info = _solve(fns, options, y0, theta,
+                              (tuple(g_consts), {k: tuple(v) for k, v in consts.items()}))
+    check_info(info, throw)
+    return Solution(unravel(y), nu if eq is not None else None,
+                    lam if ineq is not None else None, info)
+
+
+class _Options(NamedTuple):
+    """The static options of one :func:`argmin` solve (hashable: the compilation-cache key)."""
+
+    solver: str
+    hypergrad: str
+    linear_solver: str
+    tol: float
+    max_iter: int
+    ridge: float
+    delta: float
+    alpha: float
+    throw: bool
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _solve(fns, options: _Options, y0, theta, consts):
+    """Build the problem from the converted user functions and run the rule.
+
+    Jitted once per functions, options, shapes and dtypes: eager calls reuse the compilation.
+    """
+    g_conv, eq_conv, ineq_conv, box_conv = fns
+    solver, hypergrad, linear_solver, tol, max_iter, ridge, delta, alpha, throw = options
+    y0_flat, unravel = ravel_pytree(y0)
+    n, dtype = y0_flat.shape[0], y0_flat.dtype
+    box_only = box_conv is not None and eq_conv is None and ineq_conv is None
+    converted = {"eq": eq_conv, "ineq": ineq_conv, "box": box_conv}
+    params = (theta, consts[0], consts[1])
     # Inside shard_map: one uniformly per-device problem (see vma.py); the identity elsewhere.
     params = vma.vary_like(params, params, y0_flat)
     y0_flat = vma.vary_like(y0_flat, params)
@@ -801,20 +858,19 @@ def argmin(
             return tuple(jnp.asarray(a, dtype) for a in converted[name](p[0], *p[2][name]))
         return fn
 
-    m_eq = _check_rows("eq", eq, theta, n, "A", "b") if eq is not None else 0
-    k_in = _check_rows("ineq", ineq, theta, n, "G", "h") if ineq is not None else 0
-    equalities = call("eq") if eq is not None else None
-    inequalities = call("ineq") if ineq is not None else None
+    m_eq = 0 if eq_conv is None else jax.eval_shape(call("eq"), params)[0].shape[0]
+    k_in = 0 if ineq_conv is None else jax.eval_shape(call("ineq"), params)[0].shape[0]
+    equalities = call("eq") if eq_conv is not None else None
+    inequalities = call("ineq") if ineq_conv is not None else None
     box_fn = bounds_fn = None
-    if box is not None:
-        bounds = _box_bounds(box, theta, y0, unravel)
-        _check_box_concrete(bounds, box, theta)
+    if box_conv is not None:
+        bounds = _box_bounds(lambda th: box_conv(th, *params[2]["box"]), theta, y0, unravel)
 
         def box_fn(p):
             return bounds(converted["box"](p[0], *p[2]["box"]))
 
         bounds_fn = box_fn
-        if not box_only:  # box rows join G y <= h for the interior point
+        if not box_only:  # box rows join G y <= h for SQP
             inequalities = _append_box(inequalities, box_fn, n, dtype)
             k_in += 2 * n
             box_fn = None
@@ -835,18 +891,18 @@ def argmin(
                 fun_at(p), jnp.clip(y_start, lo, hi), lambda z: jnp.clip(z, lo, hi), tol_, max_iter
             )
         elif ineq_p is not None:
-            tangent = (lambda z: z) if affine is None else affine.tangent
-            y, lam, k, res, conv = interior_point(
-                fun_at(p), _project(affine, y_start), tangent, ineq_p, tol_, max_iter
-            )
-            y, lam = _polish(problem, fun_at(p), y, lam, ineq_p, p, tol_)
+            A, b = (jnp.zeros((0, n), dtype), jnp.zeros((0,), dtype)) if affine is None else (
+                affine.A, affine.b)
+            out = sqp(fun_at(p), y_start, A, b, *problem.inequalities_fn(p), tol_, max_iter)
+            y, nu, lam, k, res, verdict, fact = out
+            conv = (res <= tol_) & (verdict == Status.SUCCESS)
         else:
             y, k, res, conv, fact, verdict = _FORWARD[solver](
                 fun_at(p), _project(affine, y_start), affine, tol_, max_iter
             )
-        nu = jnp.zeros((m_eq,), dtype) if affine is None else affine.multipliers(
-            jax.grad(problem.objective)(y, p) + (0 if ineq_p is None else ineq_p.G.T @ lam)
-        )
+        if ineq_p is None:
+            nu = jnp.zeros((m_eq,), dtype) if affine is None else affine.multipliers(
+                jax.grad(problem.objective)(y, p))
         info = _make_info(problem, y, lam, (k, res, conv, verdict), y_start, p, dtype)
         # NONFINITE data or iterates: NaN outputs (the policy of types.Status).
         y, nu, lam = _nan_if_nonfinite(info, (y, nu, lam))
@@ -888,70 +944,26 @@ def argmin(
         info = aux.info
         nu, lam = problem.multipliers(y, jax.lax.stop_gradient(aux.extra), params)
 
-    check_info(info, throw)
-    return Solution(unravel(y), nu if eq is not None else None,
-                    lam[: k_in - (2 * n if box is not None and not box_only else 0)]
-                    if ineq is not None else None, info)
+    return y, nu, lam[: k_in - (2 * n if box_conv is not None and not box_only else 0)], info
 
 
-def _polish(problem, fun, y, lam, ineq, params, tol, max_rounds=4):
-    """Re-solve on the active set as equalities (ALGORITHMS.md §2.3 polish).
-
-    Two Newton steps on ``min g s.t. A y = b, G_I y = h_I`` make ``(y, lam_I)`` exact to
-    rounding (inactive multipliers exactly 0), which the first-order rules need (their error
-    is the solve error divided by ``alpha^2``). A guess of ``I`` is accepted if the polished
-    point stays feasible for the inactive rows with ``lam_I >= 0``; otherwise the primal-dual
-    active-set update ``I <- {i in I: lam_i >= 0} + {i not in I: violated}`` is tried, at most
-    ``max_rounds`` guesses in all (a row whose multiplier and slack the interior point has
-    not yet told apart, ``lam_i ~ s_i``, needs it). If none is accepted, ``(y, lam)`` is kept.
-    """
-    n, k = y.shape[0], lam.shape[0]
-    eye = jnp.eye(n, dtype=y.dtype)
-
-    def attempt(m):
-        affine = problem.affine(params, extra=(m[:, None] * ineq.G, m * ineq.h))
-        P = eye - affine.pinv @ affine.A
-
-        def newton_step(_, y):  # full steps: the start is within the quadratic-convergence region
-            hess = P @ jax.hessian(fun)(y) @ P + (eye - P)
-            return y - jnp.linalg.solve(hess, P @ jax.grad(fun)(y))
-
-        y_pol = vma.fori_loop(0, 2, newton_step, affine.project(y))
-        mult = affine.multipliers(jax.grad(fun)(y_pol))
-        lam_pol = m * mult[mult.shape[0] - k:]
-        slack = ineq.slack(y_pol)
-        bounds = ineq.bounds(y_pol)
-        ok, update = kkt.polish_verdict(slack, lam_pol, m > 0, ineq.finite, tol, *bounds)
-        ok = ok & jnp.all(jnp.isfinite(y_pol))
-        return y_pol, jnp.maximum(lam_pol, 0), ok, update.astype(m.dtype)
-
-    def body(state):
-        it, _, _, _, m = state
-        y_pol, lam_pol, ok, update = attempt(m)
-        return it + 1, y_pol, lam_pol, ok, update
-
-    state = (jnp.asarray(0), y, lam, jnp.asarray(False), ineq.active(y, lam))
-    _, y_pol, lam_pol, ok, _ = vma.while_loop(
-        lambda st: (st[0] < max_rounds) & ~st[3], body, state
-    )
-    return jnp.where(ok, y_pol, y), jnp.where(ok, lam_pol, lam)
 
 
 def _choose_solver(solver, hypergrad, n, eq, ineq, box, box_only):
     if ineq is not None or (box is not None and not box_only):
-        if solver not in ("auto", "interior_point"):
+        if solver not in ("auto", "sqp"):
             raise ValueError(
                 f"solver={solver!r} does not handle inequality constraints; use "
-                "solver='interior_point' (or 'auto')."
+                "solver='sqp' (or 'auto')."
             )
         if hypergrad in ("unrolled", "finite_difference"):
             raise ValueError(
                 f"hypergrad={hypergrad!r} is not available with inequality constraints; use "
                 "'implicit' or 'penalty'."
             )
-        return "interior_point"
-    if solver == "interior_point":
-        raise ValueError("solver='interior_point' needs inequality constraints (ineq=...).")
+        return "sqp"
+    if solver == "sqp":
+        raise ValueError("solver='sqp' needs inequality constraints (ineq=...).")
     if box_only:
         if solver not in ("auto", "gradient"):
             raise ValueError(
@@ -1036,7 +1048,7 @@ def _make_info(problem, y, lam, stats, y_start, params, dtype):
     status = jnp.where(unbounded, Status.UNBOUNDED, status)
     status = jnp.where(finite, status, Status.NONFINITE)
     if problem.bounds is not None:
-        # An empty box (finite data) makes the interior point's iterates non-finite: say why.
+        # An empty box (finite data): say why, whatever the solver reported.
         lo, hi = problem.bounds(params)
         status = jnp.where(jnp.any(lo > hi) & ~nan_data, Status.INFEASIBLE, status)
     ok = (status == Status.SUCCESS) | (status == Status.RANK_DEFICIENT)
