@@ -55,12 +55,21 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bilevel_jax._src import kkt, vma
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.implicit import custom_solution, implicit_backward
-from bilevel_jax._src.types import Array, ArrayLike, Info, Status, check_info, make_info
+from bilevel_jax._src.types import (
+    Array,
+    ArrayLike,
+    Info,
+    Status,
+    check_info,
+    concrete_or_none,
+    make_info,
+)
 
 __all__ = ["HYPERGRADS", "QPSolution", "active_set_adjoint", "default_options", "solve_qp"]
 
@@ -1008,9 +1017,9 @@ def solve_forward(theta, init, warm, polish, ridge, tol, max_iter):
     status = jnp.where(infeasible, Status.INFEASIBLE, status)
     status = jnp.where(pre.convex, status, Status.NONCONVEX)
     status = jnp.where(finite, status, Status.NONFINITE)
-    # Outputs that cannot be mistaken for a solution: NaN when the data are not finite or Q
-    # is not convex (no iterate exists).
-    bad = (status == Status.NONFINITE) | (status == Status.NONCONVEX)
+    # Outputs that cannot be mistaken for a solution: NaN when the data are not finite, Q is
+    # not convex or the feasible set is empty (no point to return).
+    bad = (status == Status.NONFINITE) | (status == Status.NONCONVEX) | infeasible
     z = tuple(jnp.where(bad, jnp.nan, a) for a in z)
     info = make_info(out.num_steps, residual, status == Status.SUCCESS, status)
     return z, _Forward(info, pre, scaling)
@@ -1318,6 +1327,9 @@ def solve_qp(
     G: ArrayLike | None = None,
     h: ArrayLike | None = None,
     *,
+    C: ArrayLike | None = None,
+    l: ArrayLike | None = None,  # noqa: E741
+    u: ArrayLike | None = None,
     hypergrad: str = "implicit",
     tol: float | None = None,
     max_iter: int | None = None,
@@ -1387,12 +1399,14 @@ def solve_qp(
     Assumptions: ``Q`` positive semidefinite and the QP strictly convex on the feasible set
     (unique ``y``); the exact rules need strict complementarity and LICQ for a true
     derivative. Failures are reported in ``info.status``: ``INFEASIBLE`` (a Farkas
-    certificate from the diverging multipliers, or an ``h_i = -inf``), ``UNBOUNDED`` (a
-    direction of unbounded descent), ``MAX_STEPS`` (with the residual reached), ``NONFINITE``
-    (non-finite data: NaN outputs; a non-finite iterate: outputs keep the last finite
-    iterate). Failure policy (as for every entry point, see :class:`~bilevel_jax.Status`):
-    with a status other than ``SUCCESS`` every cotangent is NaN (per problem under
-    ``jax.vmap``), never a finite number that looks like a hypergradient.
+    certificate from the diverging multipliers, or an ``h_i = -inf``; NaN outputs: there is
+    no point to return), ``UNBOUNDED`` (a direction of unbounded descent; the outputs are the
+    last iterate), ``MAX_STEPS`` (with the residual reached; the best iterate),
+    ``NONCONVEX`` (``Q`` indefinite beyond rounding; NaN outputs), ``NONFINITE`` (non-finite
+    data or iterates; NaN outputs). Failure policy (as for every entry point, see
+    :class:`~bilevel_jax.Status`): with a status other than ``SUCCESS`` every cotangent is
+    NaN (per problem under ``jax.vmap``), never a finite number that looks like a
+    hypergradient.
 
     Cost: ``n^3/3 + n^2 (p + k)`` once (Cholesky of ``Q``, then ``W``), then per iteration a
     Cholesky of size ``p + k`` and matrix-vector products (typically 8-15 iterations), the
@@ -1411,6 +1425,11 @@ def solve_qp(
       b: optional ``(p,)`` equality right-hand side.
       G: optional ``(k, n)`` inequality matrix (with ``h``).
       h: optional ``(k,)`` inequality right-hand side; ``+inf`` entries mean "no constraint".
+      C: optional ``(r, n)`` matrix of two-sided constraints ``l <= C y <= u`` (as in OSQP
+        and jaxopt's ``BoxOSQP``; no need to stack ``[C; -C]``). Equal bounds make a row an
+        equality; infinite bounds mean "no bound".
+      l: lower bounds of ``C y``, a scalar or ``(r,)`` (default ``-inf``).
+      u: upper bounds of ``C y``, a scalar or ``(r,)`` (default ``+inf``).
       hypergrad: ``"implicit"``, ``"relaxed"`` or ``"penalty"``.
       tol: relative KKT tolerance (default 1e-10 in float64, 1e-5 in float32); the active-set
         thresholds are ``sqrt(tol)`` relative.
@@ -1427,10 +1446,14 @@ def solve_qp(
         subclasses. Off by default (see :class:`~bilevel_jax.SolveError`).
 
     Returns:
-      A :class:`QPSolution` ``(y, nu, lam, info)`` in the dtype of the data.
+      A :class:`QPSolution` ``(y, nu, lam, info)`` in the dtype of the data. With ``C``,
+      ``lam`` has ``k + r`` entries: those of ``G`` (``>= 0``), then one signed multiplier
+      per row of ``C`` (``> 0`` when ``C_i y = u_i`` is active, ``< 0`` when ``l_i`` is), so
+      that ``Q y + c + A'nu + G'lam_G + C'lam_C = 0``.
 
     Raises:
-      ValueError, TypeError: at trace time for bad shapes (naming the argument) or options.
+      ValueError, TypeError: at trace time for bad shapes (naming the argument) or options,
+        or concrete bounds with some ``l_i > u_i``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -1450,6 +1473,15 @@ def solve_qp(
       Optimization. NeurIPS 2024.
     """
     _check_options(hypergrad, tol, max_iter, ridge, alpha, mu, polish)
+    r = 0
+    if C is not None or l is not None or u is not None:
+        G, h, r = _two_sided(C, l, u, G, h, c)
+        if init is not None:  # the signed multipliers of C split into those of [C; -C]
+            y_i, nu_i, lam_i = init
+            lam_i = jnp.asarray(lam_i)
+            lam_c = lam_i[lam_i.shape[0] - r:]
+            init = (y_i, nu_i, jnp.concatenate([lam_i[: lam_i.shape[0] - r],
+                                                jnp.maximum(lam_c, 0), jnp.maximum(-lam_c, 0)]))
     theta, dtype = _check_data(Q, c, A, b, G, h)
     n, p, k = theta[0].shape[0], theta[2].shape[0], theta[4].shape[0]
     defaults = default_options(dtype)
@@ -1468,7 +1500,34 @@ def solve_qp(
         init = (jnp.zeros((n,), dtype), jnp.zeros((p,), dtype), jnp.zeros((k,), dtype))
     solution = _solve(theta, init, options)
     check_info(solution.info, throw)
+    if r:
+        lam = solution.lam
+        k_g = lam.shape[0] - 2 * r
+        lam = jnp.concatenate([lam[:k_g], lam[k_g:k_g + r] - lam[k_g + r:]])
+        solution = solution._replace(lam=lam)
     return solution
+
+
+def _two_sided(C, l, u, G, h, c):  # noqa: E741
+    """``l <= C y <= u`` as the rows ``[C; -C] y <= [u; -l]`` appended to ``G y <= h``."""
+    if C is None:
+        raise ValueError("l and u bound C y: pass C (shape (r, n)) with them.")
+    C = jnp.asarray(C)
+    if C.ndim != 2:
+        raise ValueError(f"C must have shape (r, n), got {C.shape}.")
+    r, n = C.shape
+    dtype = jnp.result_type(C, jnp.asarray(c))
+    inf = jnp.asarray(jnp.inf, dtype)
+    lo = jnp.broadcast_to(jnp.asarray(-inf if l is None else l, dtype), (r,))
+    hi = jnp.broadcast_to(jnp.asarray(inf if u is None else u, dtype), (r,))
+    lo_c, hi_c = concrete_or_none(lo), concrete_or_none(hi)
+    if lo_c is not None and hi_c is not None and np.any(lo_c > hi_c):
+        i = int(np.flatnonzero(lo_c > hi_c)[0])
+        raise ValueError(f"l > u at row {i} of C (l = {lo_c[i]}, u = {hi_c[i]}): the set "
+                         "l <= C y <= u is empty.")
+    G = jnp.zeros((0, n), dtype) if G is None else jnp.asarray(G)
+    h = jnp.zeros((0,), dtype) if h is None else jnp.asarray(h)
+    return jnp.concatenate([G, C, -C]), jnp.concatenate([h, hi, -lo]), r
 
 
 class _Options(NamedTuple):
