@@ -290,27 +290,26 @@ def _lbfgs(fun, y0, affine, tol, max_iter):
     eps = jnp.finfo(y0.dtype).eps
 
     def cond(state):
-        k, _, _, res, negative = state
-        return (k < max_iter) & (res > threshold) & ~negative
+        _, _, res, negative = state
+        return (res > threshold) & ~negative
 
-    def body(state):
+    def step(state):
         # Stops at negative curvature along the step, s' (grad(z + s) - grad(z)) < 0 beyond
         # rounding: g is not convex there (on a convex g the curvature is >= 0).
-        k, z, opt_state, _, _ = state
+        z, opt_state, _, _ = state
         value, grad = value_and_grad(z, state=opt_state)
         updates, opt_state = opt.update(
             grad, opt_state, z, value=value, grad=grad, value_fn=reduced
         )
         z_new = optax.apply_updates(z, updates).astype(y0.dtype)
         grad_new = jax.grad(reduced)(z_new)
-        step, gnorm = z_new - z, jnp.linalg.norm(grad_new)
-        rounding = 100 * eps * jnp.linalg.norm(step) * (jnp.linalg.norm(grad) + gnorm)
-        negative = step @ (grad_new - grad) < -rounding
-        return k + 1, z_new, opt_state, gnorm, negative
+        move, gnorm = z_new - z, jnp.linalg.norm(grad_new)
+        rounding = 100 * eps * jnp.linalg.norm(move) * (jnp.linalg.norm(grad) + gnorm)
+        negative = move @ (grad_new - grad) < -rounding
+        return z_new, opt_state, gnorm, negative
 
-    state = (jnp.asarray(0), z0, opt.init(z0), jnp.asarray(jnp.inf, y0.dtype),
-             jnp.asarray(False))
-    k, z, _, res, negative = vma.while_loop(cond, body, state)
+    state = (z0, opt.init(z0), jnp.asarray(jnp.inf, y0.dtype), jnp.asarray(False))
+    k, (z, _, res, negative) = loops.iterate(step, state, cond, max_iter)
     verdict = jnp.where(negative, Status.NONCONVEX, Status.SUCCESS).astype(jnp.int32)
     return y0 + _tangent(affine, z), k, res, res <= threshold, None, verdict
 
