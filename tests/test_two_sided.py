@@ -28,7 +28,7 @@ def _stacked(Q, c, C, l, u):  # noqa: E741
 
 
 def test_two_sided_equals_stacked_rows_with_signed_multipliers():
-    Q, c, C, l, u = _data()
+    Q, c, C, l, u = _data()  # noqa: E741
     sol = bj.solve_qp(Q, c, C=C, l=l, u=u)
     ref = _stacked(Q, c, C, l, u)
     assert int(sol.info.status) == bj.Status.SUCCESS
@@ -41,7 +41,7 @@ def test_two_sided_equals_stacked_rows_with_signed_multipliers():
 
 
 def test_two_sided_gradients_match_stacked_and_finite_differences():
-    Q, c, C, l, u = _data()
+    Q, c, C, l, u = _data()  # noqa: E741
     w = jnp.arange(1.0, 6.0)
 
     def f(c, l, u):  # noqa: E741

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from bilevel_jax._src import kkt, vma
+from bilevel_jax._src import kkt, loops, vma
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.constrained import Inequalities, masked_residual, qp_adjoint, sqp
 from bilevel_jax._src.implicit import SolveAux, custom_solution, implicit_solution
@@ -191,8 +191,14 @@ class _Problem(NamedTuple):
 # converged, factorisation or None). The residual is ||P grad g(y)||.
 
 
-def _newton(fun, y0, affine, tol, max_iter):
-    """Damped Newton with Armijo backtracking, on the affine set via the projector ``P``."""
+def _newton(fun, y0, affine, tol, max_iter, unrolled=False):
+    """Damped Newton with Armijo backtracking, on the affine set via the projector ``P``.
+
+    One step: ``d = -(P H P + I - P)^{-1} P grad g(y)`` (Cholesky), then the first of
+    ``t = 1, 1/2, ...`` that passes Armijo on ``g`` or (once the decrease is below rounding in
+    ``g``) reduces ``||P grad g||``. The same step runs forward (``while_loop``, stopping at
+    the tolerance or a failed search) and unrolled (``scan`` of ``max_iter`` steps).
+    """
     n = y0.shape[0]
     eye = jnp.eye(n, dtype=y0.dtype)
     P = None if affine is None else eye - affine.pinv @ affine.A
@@ -205,41 +211,35 @@ def _newton(fun, y0, affine, tol, max_iter):
         grad = jax.grad(fun)(y)
         return _tangent(affine, grad), ls.factorize(reduced_hessian(y), structure="spd")
 
-    def line_search(y, value, grad, direction):
-        # Armijo on g, or (once the decrease is below rounding in g) on the residual norm.
-        slope, gnorm = grad @ direction, jnp.linalg.norm(grad)
+    def step(state):
+        y, grad, fact, _ = state
+        direction = -ls.solve_factorized(fact, grad)
+        value, slope, gnorm = fun(y), grad @ direction, jnp.linalg.norm(grad)
 
-        def accept(t):
-            trial = y + t * direction
-            pgrad = _tangent(affine, jax.grad(fun)(trial))
-            armijo = fun(trial) <= value + 1e-4 * t * slope
-            return armijo | (jnp.linalg.norm(pgrad) <= (1 - 1e-4 * t) * gnorm)
+        def trial(t):
+            y_t = y + t * direction
+            pgrad = _tangent(affine, jax.grad(fun)(y_t))
+            armijo = fun(y_t) <= value + 1e-4 * t * slope
+            return armijo | (jnp.linalg.norm(pgrad) <= (1 - 1e-4 * t) * gnorm), None
 
-        def cond(t):
-            return ~accept(t) & (t > 1e-12)
-
-        t = vma.while_loop(cond, lambda t: t / 2, jnp.ones_like(value))
-        return t, accept(t)
+        t, ok, _ = loops.backtracking(trial, jnp.ones_like(value), min_step=1e-12)
+        ok = ok & jnp.all(jnp.isfinite(direction))
+        y_new = jnp.where(ok, y + t * direction, y)
+        grad_new, fact_new = model(y_new)
+        return y_new, grad_new, fact_new, ok
 
     grad0, fact0 = model(y0)
     threshold = tol * (1 + jnp.linalg.norm(grad0))
 
     def cond(state):
-        k, _, grad, _, ok = state
-        return (k < max_iter) & (jnp.linalg.norm(grad) > threshold) & ok
+        _, grad, _, ok = state
+        return (jnp.linalg.norm(grad) > threshold) & ok
 
-    def body(state):
-        k, y, grad, fact, _ = state
-        direction = -ls.solve_factorized(fact, grad)
-        t, ok = line_search(y, fun(y), grad, direction)
-        ok = ok & jnp.all(jnp.isfinite(direction))
-        y_new = jnp.where(ok, y + t * direction, y)
-        grad_new, fact_new = model(y_new)
-        return k + 1, y_new, grad_new, fact_new, ok
-
-    state = (jnp.asarray(0), y0, grad0, fact0, jnp.asarray(True))
-    k, y, grad, fact, _ = vma.while_loop(cond, body, state)
+    k, (y, grad, fact, _) = loops.iterate(step, (y0, grad0, fact0, jnp.asarray(True)), cond,
+                                          max_iter, unrolled)
     res = jnp.linalg.norm(grad)
+    if unrolled:  # the unrolled rule reports no curvature verdict
+        return y, k, res, res <= threshold, fact, None
     return y, k, res, res <= threshold, fact, _curvature_verdict(reduced_hessian, fact, y)
 
 
@@ -291,39 +291,39 @@ def _lbfgs(fun, y0, affine, tol, max_iter):
     eps = jnp.finfo(y0.dtype).eps
 
     def cond(state):
-        k, _, _, res, negative = state
-        return (k < max_iter) & (res > threshold) & ~negative
+        _, _, res, negative = state
+        return (res > threshold) & ~negative
 
-    def body(state):
+    def step(state):
         # Stops at negative curvature along the step, s' (grad(z + s) - grad(z)) < 0 beyond
         # rounding: g is not convex there (on a convex g the curvature is >= 0).
-        k, z, opt_state, _, _ = state
+        z, opt_state, _, _ = state
         value, grad = value_and_grad(z, state=opt_state)
         updates, opt_state = opt.update(
             grad, opt_state, z, value=value, grad=grad, value_fn=reduced
         )
         z_new = optax.apply_updates(z, updates).astype(y0.dtype)
         grad_new = jax.grad(reduced)(z_new)
-        step, gnorm = z_new - z, jnp.linalg.norm(grad_new)
-        rounding = 100 * eps * jnp.linalg.norm(step) * (jnp.linalg.norm(grad) + gnorm)
-        negative = step @ (grad_new - grad) < -rounding
-        return k + 1, z_new, opt_state, gnorm, negative
+        move, gnorm = z_new - z, jnp.linalg.norm(grad_new)
+        rounding = 100 * eps * jnp.linalg.norm(move) * (jnp.linalg.norm(grad) + gnorm)
+        negative = move @ (grad_new - grad) < -rounding
+        return z_new, opt_state, gnorm, negative
 
-    state = (jnp.asarray(0), z0, opt.init(z0), jnp.asarray(jnp.inf, y0.dtype),
-             jnp.asarray(False))
-    k, z, _, res, negative = vma.while_loop(cond, body, state)
+    state = (z0, opt.init(z0), jnp.asarray(jnp.inf, y0.dtype), jnp.asarray(False))
+    k, (z, _, res, negative) = loops.iterate(step, state, cond, max_iter)
     verdict = jnp.where(negative, Status.NONCONVEX, Status.SUCCESS).astype(jnp.int32)
     return y0 + _tangent(affine, z), k, res, res <= threshold, None, verdict
 
 
-def _gradient(fun, y0, project, tol, max_iter):
+def _gradient(fun, y0, project, tol, max_iter, unrolled=False):
     """Accelerated projected gradient (FISTA) with adaptive step and gradient restart.
 
     ``project`` maps onto the feasible set (the affine set, or a box). The residual is the
     gradient mapping ``||y - project(y - grad g(y))||``. The step ``1/L`` adapts to the local
     curvature ``||grad(y+) - grad(x)|| / ||y+ - x||`` (no function values, so rounding near
     the solution cannot stall it); momentum restarts when the step points against it
-    (O'Donoghue and Candes, 2015).
+    (O'Donoghue and Candes, 2015). The same step runs forward and unrolled (the step size is
+    held constant by the unrolled derivative).
     """
     grad_fn = jax.grad(fun)
     tiny = jnp.finfo(y0.dtype).tiny
@@ -333,40 +333,40 @@ def _gradient(fun, y0, project, tol, max_iter):
 
     threshold = tol * (1 + mapping(y0))
 
-    def step(x, lip):
+    def projected_step(x, lip):
+        # Search on the step t = 1/L: accept when the local curvature is at most 1/t, else
+        # L <- 2 max(L, curvature).
         grad = grad_fn(x)
 
-        def curvature(y_new):
+        def trial(t):
+            y_new = project(x - t * grad)
             d = y_new - x
-            return jnp.linalg.norm(grad_fn(y_new) - grad) / jnp.maximum(jnp.linalg.norm(d), tiny)
+            curvature = jnp.linalg.norm(grad_fn(y_new) - grad) / jnp.maximum(
+                jnp.linalg.norm(d), tiny)
+            return curvature * t <= 1, (y_new, curvature)
 
-        def cond(state):
-            lip_, y_new = state
-            return (curvature(y_new) > lip_) & (lip_ < 1e30)
+        def shrink(t, aux):
+            return 1 / (2 * jnp.maximum(1 / t, aux[1]))
 
-        def body(state):
-            lip_, y_new = state
-            lip_ = 2 * jnp.maximum(lip_, curvature(y_new))
-            return lip_, project(x - grad / lip_)
+        t, _, (y_new, _) = loops.backtracking(trial, 1 / lip, shrink=shrink, min_step=1e-30,
+                                              differentiable=unrolled)
+        return 1 / t, y_new
 
-        return vma.while_loop(cond, body, (lip, project(x - grad / lip)))
-
-    def cond(state):
-        k, _, _, _, _, res = state
-        return (k < max_iter) & (res > threshold)
-
-    def body(state):
-        k, y, x, t, lip, _ = state
-        lip, y_new = step(x, lip)
+    def step(state):
+        y, x, t, lip, _ = state
+        lip, y_new = projected_step(x, lip)
         t_new = (1 + jnp.sqrt(1 + 4 * t**2)) / 2
         restart = (x - y_new) @ (y_new - y) > 0
         x_new = jnp.where(restart, y_new, y_new + ((t - 1) / t_new) * (y_new - y))
         t_new = jnp.where(restart, jnp.ones_like(t), t_new)
-        return k + 1, y_new, x_new, t_new, 0.9 * lip, mapping(y_new)
+        return y_new, x_new, t_new, 0.9 * lip, jax.lax.stop_gradient(mapping(y_new))
+
+    def cond(state):
+        return state[4] > threshold
 
     one = jnp.ones((), y0.dtype)
-    state = (jnp.asarray(0), y0, y0, one, one, mapping(y0))
-    k, y, _, _, _, res = vma.while_loop(cond, body, state)
+    state = (y0, y0, one, one, jax.lax.stop_gradient(mapping(y0)))
+    k, (y, _, _, _, res) = loops.iterate(step, state, cond, max_iter, unrolled)
     return y, k, res, res <= threshold, None, jnp.asarray(Status.SUCCESS, jnp.int32)
 
 
@@ -384,46 +384,13 @@ _FORWARD = {
 
 
 def _unrolled(fun, y0, affine, tol, max_iter, solver, project=None):
-    """Run exactly ``max_iter`` differentiable steps (Newton or projected gradient)."""
-    project = project or (lambda z: _project(affine, z))
-    n = y0.shape[0]
+    """Exactly ``max_iter`` steps of the forward solver's own step (Newton or gradient)."""
     if solver == "newton":
-        ts = 0.5 ** jnp.arange(30, dtype=y0.dtype)
-
-        def step(y, _):
-            grad = _tangent(affine, jax.grad(fun)(y))
-            hvp = lambda w: jax.jvp(jax.grad(fun), (y,), (w,))[1]  # noqa: E731
-            hess = jax.vmap(hvp)(vma.vary_like(jnp.eye(n, dtype=y.dtype), y)).T
-            if affine is not None:
-                P = jnp.eye(n, dtype=y.dtype) - affine.pinv @ affine.A
-                hess = P @ hess @ P + (jnp.eye(n, dtype=y.dtype) - P)
-            direction = -jnp.linalg.solve(hess, grad)
-            def accept(t):
-                trial = y + t * direction
-                armijo = fun(trial) <= fun(y) + 1e-4 * t * (grad @ direction)
-                pgrad = _tangent(affine, jax.grad(fun)(trial))
-                return armijo | (pgrad @ pgrad <= (1 - 1e-4 * t) ** 2 * (grad @ grad))
-
-            ok = jax.vmap(accept)(ts)
-            t = jnp.where(jnp.any(ok), ts[jnp.argmax(ok)], 0.0)
-            return y + t * direction, None
-
+        y, k, res, conv, *_ = _newton(fun, y0, affine, tol, max_iter, unrolled=True)
     else:
-        lip = jax.lax.stop_gradient(_lipschitz_estimate(fun, y0, affine))
-
-        def step(carry, _):
-            y, y_prev, k = carry
-            x = y + (k - 1) / (k + 2) * (y - y_prev)
-            return (project(x - jax.grad(fun)(x) / lip), y, k + 1), None
-
-    init = y0 if solver == "newton" else (y0, y0, jnp.ones((), y0.dtype))
-    out, _ = vma.scan(step, init, None, length=max_iter)
-    y = out if solver == "newton" else out[0]
-    def mapping(y):
-        return jnp.linalg.norm(y - project(y - jax.grad(fun)(y)))
-
-    res = mapping(y)
-    return y, max_iter, res, res <= tol * (1 + mapping(y0))
+        project = project or (lambda z: _project(affine, z))
+        y, k, res, conv, *_ = _gradient(fun, y0, project, tol, max_iter, unrolled=True)
+    return y, k, res, conv
 
 
 def _lipschitz_estimate(fun, y, affine, num_iter=50):
@@ -433,14 +400,7 @@ def _lipschitz_estimate(fun, y, affine, num_iter=50):
     def hvp(w):
         return _tangent(affine, jax.jvp(grad, (y,), (_tangent(affine, w),))[1])
 
-    v = _tangent(affine, jnp.ones_like(y) + jnp.arange(y.shape[0], dtype=y.dtype) / y.shape[0])
-    v = v / jnp.maximum(jnp.linalg.norm(v), jnp.finfo(y.dtype).tiny)
-
-    def body(_, v):
-        w = hvp(v)
-        return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(y.dtype).tiny)
-
-    v = vma.fori_loop(0, num_iter, body, v)
+    v = loops.power_iteration(hvp, _tangent(affine, loops.power_start(y)), num_iter)
     return 1.5 * jnp.maximum(v @ hvp(v), jnp.finfo(y.dtype).tiny)
 
 

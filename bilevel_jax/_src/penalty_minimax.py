@@ -39,7 +39,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import linear_solve as ls
-from bilevel_jax._src import minimax
+from bilevel_jax._src import loops, minimax
 from bilevel_jax._src.projections import (
     Box,
     cast_sets,
@@ -371,16 +371,11 @@ def _block_lipschitz(pen, u, v, rho, anchor, sigma, num_iter=20):
     grad_v = jax.grad(pen.value, argnums=1)
     hvp = lambda w: jax.jvp(lambda v_: grad_v(u, v_, rho, anchor, sigma), (v,), (w,))[1]  # noqa: E731
     tiny = jnp.finfo(v.dtype).tiny
-    ids = pen.v_blocks
-    w = jnp.ones_like(v) + jnp.arange(v.shape[0], dtype=v.dtype) / max(v.shape[0], 1)
 
     def normalise(w):
-        return w / jnp.maximum(pen.block_norms(w), tiny)[ids]
+        return w / jnp.maximum(pen.block_norms(w), tiny)[pen.v_blocks]
 
-    def body(_, w):
-        return normalise(hvp(w))
-
-    w = jax.lax.fori_loop(0, num_iter, body, normalise(w))
+    w = loops.power_iteration(hvp, loops.power_start(v), num_iter, normalize=normalise)
     return pen.block_norms(hvp(w))
 
 
