@@ -20,7 +20,7 @@ Hypergradient rules:
   ``mu = (A^+)^T (ybar - H w)`` (Cholesky, reusing Newton's factorisation, or CG), or as a
   full symmetric system (MINRES, LU, GMRES, ...); then ``thetabar = -d/dtheta <(w, mu), r>``.
 * ``"finite_difference"``: first-order, Hessian-free (Kornowski et al.; docs page "Unconstrained").
-* ``"unrolled"``: reverse-mode through a fixed number of solver steps.
+* ``"unrolled"``: reverse-mode through the forward solver's own steps (``loops.iterate``).
 """
 
 from __future__ import annotations
@@ -662,7 +662,8 @@ def argmin(
     thousand); L-BFGS and the projected gradient method use gradients only and the implicit
     rule then uses Hessian-vector products (CG), which scales to ``10^6`` variables for box
     constraints. Under ``jax.vmap`` a ``while_loop`` runs until the slowest member of the batch
-    has converged; ``hypergrad="unrolled"`` runs exactly ``max_iter`` steps instead.
+    has converged; ``hypergrad="unrolled"`` runs a ``scan`` of ``max_iter`` steps instead
+    (steps after convergence leave the iterate unchanged).
 
     Args:
       g: ``g(y, theta) -> scalar``. May close over arrays (network parameters, data): they
@@ -684,8 +685,9 @@ def argmin(
         Hessian-free F2CBA oracle: one unconstrained solve per VJP, error ``O(alpha)``,
         ``O(alpha^2)`` for quadratic ``g``; ``eq``/``ineq``); ``"finite_difference"``
         (first-order, one extra solve of ``g + delta <ybar, y>``, error ``O(delta)``, exact for
-        quadratic ``g``; unconstrained or ``eq`` only); ``"unrolled"`` (differentiate
-        ``max_iter`` Newton or projected-gradient steps; not with ``ineq``).
+        quadratic ``g``; unconstrained or ``eq`` only); ``"unrolled"`` (differentiate the
+        very Newton or projected-gradient steps the forward solver takes, step sizes held
+        constant; not with ``ineq``).
       linear_solver: the implicit rule's backward solve. ``"auto"`` reuses Newton's Cholesky
         factor, else factorises densely when ``n <= 1000``, else CG; ``"cholesky"``, ``"cg"``
         and ``"neumann"`` solve the reduced SPD system; ``"dense"``, ``"lu"``, ``"minres"``,

@@ -33,10 +33,12 @@ Hypergradient rules:
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src import loops, vma
@@ -601,8 +603,41 @@ def saddle_point(
         else:
             max_iter = {"newton": 50, "extragradient": 10000, "ogda": 20000}[solver]
 
+    # Compiled once per (function, options, shapes, dtypes): eager calls reuse it (the
+    # converted function is cached by jax.closure_convert per function and argument types).
     f_conv, f_consts = vma.closure_convert(f, u0, v0, theta)
-    params = (theta, tuple(f_consts), cast_sets(u_set, dtype), cast_sets(v_set, dtype))
+    options = _Options(solver, hypergrad, linear_solver, float(tol), int(max_iter),
+                       None if step_size is None else float(step_size), float(ridge),
+                       int(gap_steps), bool(throw))
+    u, v, info = _solve(f_conv, options, u0, v0, theta, tuple(f_consts), u_set, v_set)
+    check_info(info, throw)
+    return SaddleSolution(unravel_u(u), unravel_v(v), info)
+
+
+class _Options(NamedTuple):
+    """The static options of one :func:`saddle_point` solve (the compilation-cache key)."""
+
+    solver: str
+    hypergrad: str
+    linear_solver: str
+    tol: float
+    max_iter: int
+    step_size: float | None
+    ridge: float
+    gap_steps: int
+    throw: bool
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _solve(f_conv, options: _Options, u0, v0, theta, f_consts, u_set, v_set):
+    """Build the problem and run the rule; jitted per function, options, shapes and dtypes."""
+    solver, hypergrad, linear_solver, tol, max_iter, step_size, ridge, gap_steps, throw = options
+    u_flat0, unravel_u = ravel_pytree(u0)
+    v_flat0, unravel_v = ravel_pytree(v0)
+    dtype = jnp.result_type(u_flat0, v_flat0)
+    constrained = u_set is not None or v_set is not None
+    n_u = u_flat0.shape[0]
+    params = (theta, f_consts, cast_sets(u_set, dtype), cast_sets(v_set, dtype))
     problem = _Problem(
         lambda uf, vf, p: f_conv(unravel_u(uf), unravel_v(vf), p[0], *p[1]),
         n_u,
@@ -655,9 +690,10 @@ def saddle_point(
         stats = (k, res, res0, res > DIVERGENCE_FACTOR * (1 + res0))
         info = _make_info(problem, z, stats, tol, (z0, params[:2]), params, gap_steps,
                           (None, eta))
-    check_info(info, throw)
     u, v = problem.split(z)
-    return SaddleSolution(unravel_u(u), unravel_v(v), info)
+    return u, v, info
+
+
 
 
 def _make_info(problem, z, stats, tol, inputs, params, gap_steps, extra):
