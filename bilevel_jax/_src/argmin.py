@@ -896,7 +896,9 @@ def _solve(fns, options: _Options, y0, theta, consts):
                         100 * float(jnp.finfo(dtype).eps))
 
         def solve(y_start, p):
-            (y, _, lam), aux = forward((y_start, z0[1], z0[2]), p)
+            # (zeros made here: a custom_vjp rule must not close over tracers of this trace)
+            zeros = (jnp.zeros((m_eq,), dtype), jnp.zeros((k_in,), dtype))
+            (y, _, lam), aux = forward((y_start, *zeros), p)
             return y, SolveAux(aux.info, lam)
 
         backward = (_finite_difference_backward(problem, solver, delta, inner_tol, max_iter)
