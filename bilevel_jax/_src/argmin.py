@@ -654,9 +654,9 @@ def argmin(
 
     Failure policy (as for every entry point, see :class:`Status`): with a status other than
     ``SUCCESS`` or ``RANK_DEFICIENT`` every cotangent is NaN (per problem under
-    ``jax.vmap``); ``NONFINITE`` also makes ``y``, ``nu`` and ``lam`` NaN, and the other
-    failures return the last iterate. ``hypergrad="unrolled"`` differentiates the steps it
-    ran whatever the status.
+    ``jax.vmap``); ``NONFINITE`` and ``INFEASIBLE`` (no point to return) also make ``y``,
+    ``nu`` and ``lam`` NaN, and the other failures return the last iterate.
+    ``hypergrad="unrolled"`` differentiates the steps it ran whatever the status.
 
     Cost: Newton and SQP form the ``n x n`` Hessian (``n`` up to a few
     thousand); L-BFGS and the projected gradient method use gradients only and the implicit
@@ -966,8 +966,8 @@ def _append_box(inequalities, box_fn, n, dtype):
 
 
 def _nan_if_nonfinite(info, tree):
-    """NaN in every leaf of ``tree`` when ``info.status`` is ``NONFINITE``."""
-    bad = info.status == Status.NONFINITE
+    """NaN in every leaf of ``tree`` when ``info.status`` is ``NONFINITE`` or ``INFEASIBLE``."""
+    bad = (info.status == Status.NONFINITE) | (info.status == Status.INFEASIBLE)
     return jax.tree_util.tree_map(lambda a: jnp.where(bad, jnp.nan, a).astype(a.dtype), tree)
 
 

@@ -139,11 +139,14 @@ def sqp(fun: Callable, y0, A, b, G, h, tol, max_iter) -> SQPResult:
         return jnp.sum(jnp.abs(A @ y - b)) + jnp.sum(viol)
 
     def body(state):
-        it, y = state[0], state[1]
+        it, y, nu_prev, lam_prev, res_prev = state[:5]
         H, (y_qp, nu, lam), fw = subproblem(y)
         status = fw.info.status
         ok = (status == Status.SUCCESS) | (status == Status.RANK_DEFICIENT)
-        d = jnp.where(ok, y_qp - y, 0)
+        # A failed subproblem (NaN outputs when infeasible or nonconvex) leaves the iterate.
+        y_qp = jnp.where(ok, y_qp, y)
+        nu, lam = jnp.where(ok, nu, nu_prev), jnp.where(ok, lam, lam_prev)
+        d = y_qp - y
         res_full = qp.point_residual(data(y_qp, H), (y_qp, nu, lam))
         rho = 1 + 2 * jnp.max(jnp.abs(jnp.concatenate([nu, lam])), initial=0.0)
         v0 = violation(y)
@@ -159,6 +162,7 @@ def sqp(fun: Callable, y0, A, b, G, h, tol, max_iter) -> SQPResult:
                            jnp.where(full, 1, 0.5).astype(dtype))
         y_new = y + t * d
         res = jnp.where(full, res_full, qp.point_residual(data(y_new, H), (y_new, nu, lam)))
+        res = jnp.where(ok, res, res_prev)
         verdict = jnp.where(ok, Status.SUCCESS, jnp.asarray(_VERDICT_OF_QP)[jnp.clip(status, 0, 8)])
         return it + 1, y_new, nu, lam, res, verdict, fw.pre, fw.scaling
 
@@ -168,7 +172,7 @@ def sqp(fun: Callable, y0, A, b, G, h, tol, max_iter) -> SQPResult:
 
     shapes = jax.eval_shape(lambda y: subproblem(y)[2], y0)
     factors = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (shapes.pre, shapes.scaling))
-    state = (jnp.asarray(0, jnp.int32), y0, zero_nu, zero_lam, jnp.asarray(jnp.inf, dtype),
+    state = (jnp.asarray(0, jnp.int32), y0, zero_nu, zero_lam, jnp.asarray(jnp.finfo(dtype).max),
              jnp.asarray(Status.SUCCESS, jnp.int32), *factors)
     it, y, nu, lam, res, verdict, pre, scaling = vma.while_loop(cond, body, state)
     return SQPResult(y, nu, lam, it, res, verdict, (pre, scaling))
