@@ -225,6 +225,13 @@ def _make_projection(projection):
     )
 
 
+def _problem_projection(f, projection):
+    """A :class:`BilevelProblem`'s upper-level domain when no ``projection`` is passed."""
+    if projection is None and isinstance(f, BilevelProblem):
+        return f.projection
+    return projection
+
+
 def _unpack(f, g, y0, eq, ineq, box):
     """Accept plain callables ``(f, g, y0)`` or a :class:`BilevelProblem` in place of ``f``."""
     if isinstance(f, BilevelProblem):
@@ -554,8 +561,9 @@ def ssigd(
       box: ``box(x) -> (lo, hi)``.
       learning_rate: step ``eta`` of the default optimizer ``optax.sgd(learning_rate)``.
       optimizer: any ``optax.GradientTransformation`` (overrides ``learning_rate``).
-      projection: the upper-level set ``X``: ``None`` (``R^d``), a set (``bj.Box``,
-        ``bj.Simplex``, ...) or a callable ``x -> Proj_X(x)``.
+      projection: the upper-level set ``X``: ``None`` (``R^d``, or the problem's own
+        ``projection`` when ``f`` is a :class:`~bilevel_jax.problems.BilevelProblem`), a set
+        (``bj.Box``, ``bj.Simplex``, ...) or a callable ``x -> Proj_X(x)``.
       perturbation_scale: scale of ``q`` (0 disables the smoothing: plain implicit gradient
         descent).
       distribution: ``"sphere"`` (``||q|| = scale``, the SIGD comparison code) or
@@ -586,6 +594,7 @@ def ssigd(
       Khanduri, Tsaknakis, Zhang, Liu, Liu, Zhang, Hong. Linearly Constrained Bilevel
       Optimization: A Smoothed Implicit Gradient Approach. ICML 2023, Algorithms 2 and 3.
     """
+    projection = _problem_projection(f, projection)
     f, g, y0, eq, ineq, box = _unpack(f, g, y0, eq, ineq, box)
     optimizer = optax.sgd(learning_rate) if optimizer is None else optimizer
     _check_positive("learning_rate", learning_rate)
@@ -704,6 +713,7 @@ def dsigd(
       Khanduri et al. Linearly Constrained Bilevel Optimization: A Smoothed Implicit Gradient
       Approach. ICML 2023, Algorithm 1 and Theorem 1.
     """
+    projection = _problem_projection(f, projection)
     f, g, y0, eq, ineq, box = _unpack(f, g, y0, eq, ineq, box)
     optimizer = optax.sgd(1.0) if optimizer is None else optimizer
     _check_common(optimizer, hypergrad, alpha, delta, lower_steps, lower_step_size,
@@ -909,6 +919,7 @@ def f2cba(
       Bilevel Optimization. NeurIPS 2024 (Algorithm 3, the O2NC conversion of Cutkosky,
       Mehta, Orabona 2023; code ``guaguakai/constrained-bilevel-optimization``, branch ``ffo``).
     """
+    projection = _problem_projection(f, projection)
     f, g, y0, eq, ineq, box = _unpack(f, g, y0, eq, ineq, box)
     check_option("method", method, F2CBA_METHODS)
     if learning_rate is None:
@@ -1001,6 +1012,7 @@ def zeroth_order(
       Stochastic Non-smooth Non-convex Optimization through Online-to-Non-convex Conversion.
       ICML 2023.
     """
+    projection = _problem_projection(f, projection)
     f, g, y0, eq, ineq, box = _unpack(f, g, y0, eq, ineq, box)
     optimizer = optax.sgd(learning_rate) if optimizer is None else optimizer
     _check_positive("learning_rate", learning_rate)
@@ -1097,6 +1109,7 @@ def equality_gd(
     if eq is None or not callable(eq):
         raise TypeError("eq must be a callable x -> (A, b) giving the lower-level equality "
                         "constraints A y = b.")
+    projection = _problem_projection(f, projection)
     f, g, y0, eq, ineq, box = _unpack(f, g, y0, eq, None, None)
     if ineq is not None or box is not None:
         raise ValueError("equality_gd handles equality constraints only; the problem has "
