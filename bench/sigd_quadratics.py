@@ -137,10 +137,10 @@ def closed_form_value(eq, problem, x):
     return float(problem.f(x, project_polygon(u(x), G, h)[0]))
 
 
-def check_closed_forms(rng):
+def check_closed_forms(rng, problems=PROBLEMS):
     """Max |closed form - jax.grad(problem.value)| over random points (exact LL, argmin)."""
     errors = {}
-    for eq in PROBLEMS:
+    for eq in problems:
         problem = bj.problems.sigd_quadratic(eq)
         grad = jax.jit(jax.grad(problem.value))
         errs = [np.max(np.abs(closed_form_grad(eq, x) - np.asarray(grad(jnp.asarray(x)))))
@@ -366,7 +366,7 @@ def main(argv=None):
     x0s = jnp.asarray(np.stack([np.random.default_rng(1000 + i).uniform(-3, 3, 2)
                                 for i in range(args.runs)]))
     keys = jnp.stack([jax.random.PRNGKey(i) for i in range(args.runs)])
-    check = check_closed_forms(np.random.default_rng(7))
+    check = check_closed_forms(np.random.default_rng(7), problems)
     lines = header_lines(args, check)
     results = {}
     for eq in problems:
