@@ -12,11 +12,11 @@ penalty_rate = pytest.importorskip("penalty_rate")
 
 def test_penalty_rate_small():
     rows = penalty_rate.main(["--small"])  # eps = 1e-1, 1e-2, 1e-3
-    for mode, rs in rows.items():
+    for rs in rows.values():
         for r in rs:
             assert r["status"] == 0 and r["kkt"] <= r["eps"]
             # |x1 - x1*| is within a small multiple of eps (the KKT residual bounds it).
-            assert r["err"] < 0.5 * r["eps"] ** 0.5 and r["err"] < 10 * r["eps"] + 0.01
+            assert r["err"] < 10 * r["eps"]
         costs = [r["oracles"] for r in rs]
         assert costs == sorted(costs) and costs[0] > 0
         # About eps^-1 on this strongly convex-concave instance, far from the eps^-4 bound.
