@@ -23,3 +23,24 @@ def test_penalty_rate_small():
         assert -1.6 < penalty_rate.slope(rs) < -0.6
     # The theory schedule uses rho = 1/eps.
     np.testing.assert_allclose([r["rho"] for r in rows["theory"]], [10.0, 100.0, 1000.0])
+
+
+def test_stochastic_penalty_group_dro_small():
+    """Minibatch penalty method on the small group-DRO problem: the tuned classifier beats ERM
+    on the worst-group validation loss (ERM ~1.65 here, group DRO ~0.46), all finite."""
+    import group_dro as gd
+    import jax.numpy as jnp
+
+    from bilevel_jax._src.projections import Box
+
+    train, val, test = gd.make_data(0, n_train=400, n_val=100, n_test=500, d=8)
+    run = gd.stochastic_penalty_method(train, val, lam=1e-2, box=Box(-1.0, 1.0),
+                                       rhos=(1.0, 10.0), steps=300)
+    x1, w, kkt, examples = run()
+    assert np.all(np.isfinite(np.asarray(w))) and np.isfinite(float(kkt))
+    assert np.all(np.abs(np.asarray(x1)) <= 1.0)
+    assert examples == 300 * 4 * 4 * (16 + 32)
+    worst = float(jnp.max(gd.group_losses(w, val)))
+    erm_worst = float(jnp.max(gd.group_losses(gd.baselines(train, lam=1e-2, tau=0.1)[0](),
+                                              val)))
+    assert worst < 0.6 * erm_worst
