@@ -12,6 +12,13 @@ penalty_rate = pytest.importorskip("penalty_rate")
 
 def test_penalty_rate_small():
     rows = penalty_rate.main(["--small"])  # eps = 1e-1, 1e-2, 1e-3
+    cons = rows.pop("constrained")
+    # The constrained lower level through the Lagrangian reduction (Lambda = 10): the bound
+    # is not active, lam -> lam* = 0.5 and x -> x* with eps; Lambda = 0.25 < lam*: flagged.
+    for r in cons[:-1]:
+        assert r["status"] == 0 and not r["active"] and r["err"] < 20 * r["eps"]
+        assert abs(r["lam"] - 0.5) < 10 * r["eps"]
+    assert cons[-1]["lam_max"] == 0.25 and cons[-1]["active"] and cons[-1]["violation"] > 0.1
     for rs in rows.values():
         for r in rs:
             assert r["status"] == 0 and r["kkt"] <= r["eps"]
