@@ -46,7 +46,7 @@ Usage::
     python bench/f2cba_l1.py --exp loss --seeds 1 2 3      # exp1 at dy=200 on three seeds
     python bench/f2cba_l1.py --exp timing --dy 100 200     # exp2 on two sizes
     python bench/f2cba_l1.py --small                       # a seconds-long smoke run
-    python bench/f2cba_l1.py --exp dys --steps 300 --large-steps 40  # every d_y, 10 seeds
+    python bench/f2cba_l1.py --exp dys --steps 200 --large-steps 30  # every d_y, 10 seeds
     python bench/f2cba_l1.py --exp o2nc                    # O2NC / zeroth order, dx=10 dy=20
 
 * ``dys``: exp1 at every d_y of the paper (5 ... 1000), seeds 1..``--num-seeds``, F2CBA
@@ -631,6 +631,9 @@ def exp_o2nc(args):
         "zeroth order O2NC, random block": algorithms.zeroth_order(
             problem, smoothing_radius=1e-2, num_directions=4, output_rule="random", **o2nc),
     }
+    if args.o2nc_only:
+        algs = {k: v for i, (k, v) in enumerate(algs.items())
+                if i == 0 or any(pat in k for pat in args.o2nc_only)}
     keys = jax.random.split(jax.random.PRNGKey(0), args.o2nc_keys)
     rows = []
     for name, alg in algs.items():
@@ -758,8 +761,11 @@ def parse(argv=None):
     parser.add_argument("--large-steps", type=int, default=100,
                         help="steps of --exp dys at dy >= 500")
     parser.add_argument("--o2nc-size", type=int, nargs=2, default=[10, 20])
-    parser.add_argument("--o2nc-steps", type=int, default=400)
-    parser.add_argument("--o2nc-keys", type=int, default=4)
+    parser.add_argument("--o2nc-steps", type=int, default=200)
+    parser.add_argument("--o2nc-keys", type=int, default=2)
+    parser.add_argument("--o2nc-only", nargs="+", default=None,
+                        help="run only the methods whose name contains one of these (and the "
+                        "reference)")
     parser.add_argument("--dy", type=int, nargs="+", default=None,
                         help="sizes (default: loss 200; timing 100 200 500 800 1000; "
                              "alpha 100 200)")
