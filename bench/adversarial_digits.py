@@ -1,7 +1,7 @@
-"""SIGD adversarial training at small scale: a stand-in for Khanduri et al. (ICML 2023) §4.2.
+"""SIGD adversarial training at small scale: a stand-in for Khanduri et al. (ICML 2023).
 
 The paper trains ResNet-18 on CIFAR-10/100 with a bilevel formulation of adversarial training
-(ALGORITHMS.md §4.2). This script reproduces the *trends* on scikit-learn's digits (8x8
+(their adversarial experiment). This script reproduces the *trends* on scikit-learn's digits (8x8
 images, 1797 examples, pixels scaled to [0, 1]) with a small MLP, on one CPU core.
 
 Setup (ours; the paper's schedule, lambda_a and step counts follow Fast-BAT and are not
@@ -30,7 +30,7 @@ Methods:
   ``grad_w CE(w; x_i + y*) + Dy*^T grad_y CE``. ``q_i ~ N(0, sigma_q^2 I)`` is drawn **once
   per run** for every training example (the draw of ``bj.perturb_linear``) and kept fixed.
   Two implicit rules, both through ``bj.argmin``'s matrix-free masked box rule
-  (ALGORITHMS.md §1.3; no new ``custom_vjp``):
+  (docs ``lower/inequality.md``, 'Box constraints'; no new ``custom_vjp``):
 
   - ``"fastbat"`` (used for the sweep, the paper's Hessian-free rule): ``H ~ 2 lambda_a I``
     (the paper's ``H ~ lambda_a I`` with its ``lambda_a/2`` convention), i.e.
@@ -556,7 +556,7 @@ def format_table(results, header):
 
 
 def findings(results, tol=1.0):
-    """Check the three claims of ALGORITHMS.md §4.2 (stand-in); one line per eps."""
+    """Check the three claimed trends (see the module docstring); one line per eps."""
     out = []
     for eps, rows in results.items():
         by = {r["kind"]: r for r in rows if r["kind"] in ("clean", "AT")}

@@ -1,15 +1,15 @@
 """F2CBA on Kornowski et al.'s Problem L.1: loss curves, time per step and the alpha trade-off.
 
     min_x  F(x) = c^T y*(x) + 0.01 ||x||^2 + 0.01 ||y*(x)||^2
-    y*(x) = argmin_y 1/2 y^T Q y + x^T P y   s.t.   A y <= b          (ALGORITHMS.md §4.5)
+    y*(x) = argmin_y 1/2 y^T Q y + x^T P y   s.t.   A y <= b          (Problem L.1)
 
 The F2CBA "ffo" branch of the authors' code (exact lower-level solve ``(y*, lam*)``, penalty
-solve, gradient in ``x``, Adam step; ALGORITHMS.md §1.5, §3.3) is, in bilevel_jax,
+solve, gradient in ``x``, Adam step; docs ``algorithms.md``, 'F2CBA') is, in bilevel_jax,
 ``jax.grad(lambda x: f(x, bj.solve_qp(Q, P.T @ x, G=A, h=b, hypergrad="penalty",
 alpha=alpha).y))`` fed to ``optax.adam(0.01)``; the exact rule is the same call with
 ``hypergrad="implicit"``. Both rules share the forward solve (interior point + active-set
 polish, exact to rounding), so the loss ``F(x_t)`` logged along every run is exact. Note that
-the library's oracle is the VJP form of §1.5 (the upper level linearised in ``y`` at ``y*``);
+the library's oracle is the oracle's VJP form (the upper level linearised in ``y`` at ``y*``);
 the paper's penalty problem keeps ``f`` itself, which adds ``grad^2_yy f = 0.02 I`` to the
 penalty Hessian ``alpha^-2 Q + alpha^-4 A_I'A_I``: both are ``O(alpha^2)`` from the exact
 gradient.
@@ -113,7 +113,7 @@ jax.config.update("jax_enable_x64", True)
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
-# Paper (ALGORITHMS.md §4.5): seconds per step, one core of a Xeon Gold 6226.
+# Paper (Kornowski et al., Problem L.1 timing): seconds per step, one core of a Xeon Gold 6226.
 PAPER_TIME = {100: (0.085, 0.056), 200: (0.32, 0.11), 500: (2.2, 0.71), 800: (8.2, 2.5),
               1000: (19.6, 5.4)}  # dy: (cvxpylayer, F2CBA)
 

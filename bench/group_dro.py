@@ -1,4 +1,4 @@
-"""Group-DRO last-layer retraining with tuned group adjustments (ALGORITHMS.md §4.7, small).
+"""Group-DRO last-layer retraining with tuned group adjustments (Shen et al., small).
 
 Synthetic stand-in for Waterbirds/CelebA: frozen "features" with a weak core signal (the label
 ``y``) and a strong spurious one (an attribute ``a``), four groups ``(y, a)``, and training

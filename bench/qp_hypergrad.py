@@ -1,7 +1,7 @@
 """Hypergradient time and accuracy on Kornowski et al.'s Problem L.1, against the peers.
 
     min_x  c^T y*(x) + 0.01 ||x||^2 + 0.01 ||y*(x)||^2
-    y*(x) = argmin_y 1/2 y^T Q y + x^T P y   s.t.   A y <= b          (ALGORITHMS.md §4.5)
+    y*(x) = argmin_y 1/2 y^T Q y + x^T P y   s.t.   A y <= b          (Problem L.1)
 
 For each size, one run times the hypergradient ``dF/dx`` (forward solve + backward pass,
 ``jit``-compiled where the method allows it; compile time reported apart) of

@@ -1,6 +1,6 @@
 """SIGD's quadratic problems (14), (16), (17), (18): stationarity ||grad F(x_r)|| vs iteration r.
 
-Reproduces the experiment of Khanduri et al. (ICML 2023), ALGORITHMS.md §4.1: ``d_x = d_y = 2``,
+Reproduces the experiment of Khanduri et al. (ICML 2023), quadratic problems: ``d_x = d_y = 2``,
 lower level ``y*(x) = argmin_{y in Y} g(y, x)`` over a box (14, 16, 17) or a polygon (18),
 ``X = R^2``. Methods (``bilevel_jax.algorithms``), each run 10 times:
 
@@ -36,7 +36,7 @@ gradient steps, warm-started at the previous ``y_hat``, the implicit rule at ``y
 Run ``i`` (i = 0..9) starts at ``x0 ~ U[-3, 3]^2`` (NumPy ``default_rng(1000 + i)``; the paper
 does not give its initial points) with ``jax.random.PRNGKey(i)``; the perturbation is
 ``q = 1e-3 z/||z||`` (the SIGD comparison code). The metric is the closed-form gradient of the
-UNPERTURBED ``F`` at ``x_r`` (ALGORITHMS.md §4.1: ``y* = Proj_Y(.)``, ``Dy* = -N`` with ``N``
+UNPERTURBED ``F`` at ``x_r`` (closed form: ``y* = Proj_Y(.)``, ``Dy* = -N`` with ``N``
 the projector onto the null space of the active rows), computed in NumPy and checked against
 ``jax.grad(problem.value)`` at random points. The 10 runs of a method are one ``vmap``-ed,
 jitted ``run`` (compile time reported apart; run time = median of ``--reps`` calls, all 10
@@ -80,7 +80,7 @@ import bilevel_jax as bj  # noqa: E402
 from bilevel_jax._src.outer import dsigd, ssigd  # noqa: E402
 
 PROBLEMS = (14, 16, 17, 18)
-# (steps, gamma) of the lower-level PGD: SSIGD / implicit, then DSIGD (ALGORITHMS.md §4.1).
+# (steps, gamma) of the lower-level PGD: SSIGD / implicit, then DSIGD (the paper's settings).
 LOWER = {14: ((10, 0.1), (10, 0.1)), 16: ((10, 0.1), (10, 1.0)),
          17: ((20, 0.1), (10, 1.0)), 18: ((10, 0.1), (10, 0.1))}
 BACKTRACK = {14: 0.9, 16: 0.9, 17: 0.95, 18: 0.9}

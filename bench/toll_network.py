@@ -1,4 +1,4 @@
-"""Network toll attack (ALGORITHMS.md §4.4): implicit-gradient attack against simple baselines.
+"""Network toll attack (SIGD authors' code): implicit-gradient attack against simple baselines.
 
 The operator routes ``demand`` units from node 0 to node n-1 of a complete digraph at minimum
 regularised cost under the attacker's tolls ``x``::
@@ -13,14 +13,14 @@ Methods:
 
 * ``implicit PGD``: projected gradient ascent on ``C`` over the budget simplex, from the
   uniform attack, 100 iterations, the lower level solved exactly by ``bj.solve_qp`` and
-  differentiated by its active-set implicit rule (§1.3; §4.4's closed form
+  differentiated by its active-set implicit rule (docs ``lower/qp.md``; the closed form
   ``Dy* = -(1/gamma)(I - A_I^T (A_I A_I^T)^{-1} A_I)``, checked in tests/test_problems.py);
   UL steps in ``[1e-3, 1e-2]``; the best iterate is reported. (``bj.argmin``'s interior point
   does not converge on this equality-plus-box lower level at present, so the QP route is
   used.)
 * baselines: ``uniform`` (``budget / E`` on every edge), ``max-capacity`` (the whole budget on
   the edge of largest capacity), ``max-flow edge`` (the whole budget on the edge carrying the
-  most flow without tolls; not in §4.4, added as a stronger one-edge baseline) and ``random``
+  most flow without tolls; our addition, a stronger one-edge baseline) and ``random``
   (``budget * Dirichlet(1)``, mean and best of ``--random-draws`` draws).
 
 Metric: the relative increase of the total min-cost-flow cost, ``C(x) / C(0) - 1``, with
@@ -186,10 +186,10 @@ def main():
     if args.small:
         args.seeds, args.iters, args.steps, args.random_draws, args.reps = [0], 20, [1e-2], 5, 1
     if not all(1e-3 <= s <= 1e-2 for s in args.steps):
-        print("note: steps outside ALGORITHMS.md §4.4's [1e-3, 1e-2]")
+        print("note: steps outside the authors' range [1e-3, 1e-2]")
 
     blocks = [
-        "Network toll attack (ALGORITHMS.md §4.4), lower level solved by bj.solve_qp (implicit "
+        "Network toll attack (SIGD authors' problem), lower level solved by bj.solve_qp (implicit "
         f"rule); device {jax.devices()[0].platform}, XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, "
         f"median of {args.reps} run(s); 'run s' is one whole {args.iters}-step attack, "
         "compilation excluded ('compile s' = first call minus run). Load average at start "

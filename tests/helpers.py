@@ -30,7 +30,7 @@ def tree_allclose(actual, expected, rtol=None, atol=None):
 class QuadraticProblem(NamedTuple):
     """``g = 1/2 y'Qy + (P'x + d)'y`` s.t. ``E y = R x + r``; ``f = 1/2 ||y - t||^2 + c'x``.
 
-    The closed forms are ALGORITHMS.md §5 oracles O1 (no ``E``) and O2.
+    Closed forms: ``[Q E'; E 0] [y; nu] = [-P'x - d; R x + r]``, ``Dy*`` from the same matrix.
     """
 
     Q: np.ndarray

@@ -45,7 +45,7 @@ def _jit_run(alg):
 
 
 def grad_16(x):
-    """Closed form (ALGORITHMS.md §4.1): -10 x inside |x_i| < 1, x/2 - 5 sign(x) outside."""
+    """Closed form of problem (16): -10 x inside |x_i| < 1, x/2 - 5 sign(x) outside."""
     return jnp.where(jnp.abs(x) < 1, -10 * x, 0.5 * x - 5 * jnp.sign(x))
 
 
@@ -192,7 +192,7 @@ def test_f2cba_penalty_tracks_exact_rule_on_l1():
     exact, pen = hist["implicit"], hist["penalty"]
     assert int(exact.num_active[0]) == 2
     tree_allclose(exact.grad[0], jax.grad(L1.value)(X_ACTIVE))
-    # Quadratic lower level: error O(alpha^2), ~2e-3 at alpha = 0.1 (ALGORITHMS.md §1.5).
+    # Quadratic lower level: error O(alpha^2), ~2e-3 at alpha = 0.1 (docs lower/inequality.md).
     error = float(jnp.linalg.norm(pen.grad[0] - exact.grad[0]))
     assert 1e-4 < error < 1e-2
     # Along the run the error stays O(alpha^2) and the final values agree: Adam's normalised
@@ -211,7 +211,7 @@ def test_f2cba_penalty_error_falls_with_alpha():
         alg = f2cba(L1, method="adam", alpha=alpha, optimizer=optax.sgd(1.0))
         info = jax.jit(alg.step)(alg.init(X_ACTIVE, KEY))[1]
         errors.append(float(jnp.linalg.norm(info.grad - exact)))
-    # O(alpha^2): ~2e-3 at 0.1 and ~2e-5 at 0.01 (ALGORITHMS.md §1.5, O5).
+    # O(alpha^2): ~2e-3 at 0.1 and ~2e-5 at 0.01 (docs lower/inequality.md).
     assert 1e-4 < errors[0] < 1e-2
     assert errors[1] < errors[0] / 30
 

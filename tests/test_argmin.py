@@ -66,7 +66,7 @@ def test_quadratic_closed_form(m, solver, hypergrad):
         tree_allclose(sol.nu, nu_star, rtol=1e-8, atol=1e-9)
     else:
         assert sol.nu is None and sol.lam is None
-    # The finite-difference rule is exact for quadratic g (ALGORITHMS.md §1.6) up to the
+    # The finite-difference rule is exact for quadratic g (docs lower/unconstrained.md) up to the
     # inner-solve accuracy amplified by 1/delta; gradient-method inner solves stop at 1e-10.
     atol = 1e-6 if (hypergrad == "finite_difference" and solver != "newton") else 1e-9
     if hypergrad == "penalty":
@@ -152,7 +152,7 @@ def _rule(g, eq_fn, v, hypergrad, **kwargs):
 
 @pytest.mark.slow
 def test_finite_difference_rule_error_is_linear_in_delta():
-    """ALGORITHMS.md §1.6 / O2: error O(delta), log-log slope 1 +- 0.1."""
+    """Equality-constrained quadratic: error O(delta), log-log slope 1 +- 0.1."""
     g = nonquadratic_g(seed=7)
     E = jnp.asarray(np.random.default_rng(7).standard_normal((2, 5)))
     eq_fn = lambda x: (E, jnp.asarray([x[0], x[1] - x[2]]))  # noqa: E731

@@ -3,7 +3,7 @@
 Checks that every method trains (accuracy far above chance, finite losses) and that the
 SSIGD upper gradient through ``argmin``'s masked box rule is the gradient of the
 hyperobjective (central differences, float64), plus the Hessian-free Fast-BAT rule against its
-closed form (ALGORITHMS.md §1.3, ``H ~ 2 lambda_a I``) and against the exact rule.
+closed form (masked box rule, ``H ~ 2 lambda_a I``) and against the exact rule.
 """
 
 import importlib.util
@@ -125,8 +125,8 @@ def _flat(tree):
 
 def test_fastbat_rule_is_the_masked_closed_form_and_approaches_the_exact_rule(tiny64,
                                                                                tiny_fns):
-    """Fast-BAT rule == grad_w CE + (1/(2 lam)) (d/dw grad_y CE)^T (m v) (ALGORITHMS.md
-    §1.3 with H ~ 2 lam I); it tends to the exact rule as lam grows (the neglected curvature
+    """Fast-BAT rule == grad_w CE + (1/(2 lam)) (d/dw grad_y CE)^T (m v) (the masked
+    box rule with H ~ 2 lam I); it tends to the exact rule as lam grows (the neglected curvature
     of CE is O(1/lam) of H)."""
     params, x, labels, _, _ = tiny64
     lo, hi = bench.box_bounds(x, EPS)

@@ -23,8 +23,8 @@ def test_small_loss_and_alpha_experiments(tmp_path):
     # Both runs start at the same x0 with the same exact forward solve.
     assert f2["loss"][0] == pytest.approx(ex["loss"][0], rel=1e-12)
     assert f2["x"].shape == (5, 100) and np.all(f2["lam"] >= 0)
-    # O(alpha^2) accuracy at alpha = 0.1: nonzero (active rows) and below 3e-2 (ALGORITHMS.md
-    # §1.5 quotes ~3e-3 at alpha = 0.1; 10x slack for the instance-dependent constant).
+    # O(alpha^2) accuracy at alpha = 0.1: nonzero (active rows) and below 3e-2 (the docs
+    # quote ~3e-3 at alpha = 0.1; 10x slack for the instance-dependent constant).
     err = f2cba_l1.rel_err(f2["grad"], f2["grad_exact"])
     assert np.all(err > 1e-8) and np.all(err < 3e-2)
     # Adam descends, and the F2CBA and exact trajectories stay close.

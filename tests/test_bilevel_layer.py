@@ -1,4 +1,4 @@
-"""Tests of the BiGrad bilevel layer (ALGORITHMS.md §1.8, oracles T1 and T2)."""
+"""Tests of the BiGrad bilevel layer (docs lower/bilevel-layer.md; oracles T1 and T2)."""
 
 import functools
 

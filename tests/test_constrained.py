@@ -243,7 +243,7 @@ def test_weakly_active_row_gives_the_documented_one_sided_derivative():
 
 
 def test_dependent_active_rows_give_a_finite_exact_gradient():
-    """LICQ fails (a duplicated active row): w is still unique (ALGORITHMS.md §1.3)."""
+    """LICQ fails (a duplicated active row): w is still unique (only mu is not)."""
     g, ineq, x0, y_star, _, Dy = designed_active_set(seed=7)
 
     def ineq_dup(x):

@@ -1,4 +1,4 @@
-"""Tests of the discrete estimators (ALGORITHMS.md §1.9, oracles T6-T9)."""
+"""Tests of the discrete estimators (docs lower/discrete.md; oracles T6-T9)."""
 
 import itertools
 
@@ -109,7 +109,7 @@ def test_t8_cross_level_sign_on_interdiction():
     tree_allclose((x, y), (jnp.eye(4)[1], jnp.eye(4)[2]), atol=0)
     tree_allclose(cbar_y, -ybar, atol=0)
     tree_allclose(cbar_x, -xbar + prob.M.T @ ybar, atol=1e-15)
-    # The wrong sign of ALGORITHMS.md §1.9 (M^T(-ybar) applied without the upper -I).
+    # The wrong sign (M^T(-ybar) applied without the upper -I).
     assert not np.allclose(cbar_x, -xbar - prob.M.T @ ybar)
 
 

@@ -1,4 +1,4 @@
-"""Tests of ``saddle_point`` and ``duality_gap`` (ALGORITHMS.md §1.7, §2.5, oracle T3)."""
+"""Tests of ``saddle_point`` and ``duality_gap`` (docs lower/minimax.md; oracle T3)."""
 
 from typing import NamedTuple
 
@@ -16,7 +16,7 @@ from helpers import tree_allclose
 
 
 def t3(y1, y2, x):
-    """ALGORITHMS.md T3: y1* = -x/6, y2* = -2x/3."""
+    """T3: y1* = -x/6, y2* = -2x/3."""
     return y1**2 + y1 * y2 - 0.5 * y2**2 + x * y1 - 0.5 * x * y2
 
 
@@ -90,7 +90,7 @@ def nonquadratic(seed=1, nu=4, nv=3, dx=2):
     return f
 
 
-# ------------------------------------------------------------------ T3 (§1.7)
+# ------------------------------------------------------------------ T3 (saddle system)
 
 # Unrolled extragradient and OGDA are checked against closed forms below (active box).
 T3_CASES = [

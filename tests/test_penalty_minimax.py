@@ -1,4 +1,4 @@
-"""Tests of the Lagrangian reduction and the penalty method (ALGORITHMS.md §3.6–3.7, T4, T5)."""
+"""Tests of the Lagrangian reduction and the penalty method (T4, T5)."""
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ from bilevel_jax._src.types import Status
 
 from helpers import tree_allclose
 
-# ------------------------------------------------------------------ T4 (§3.6)
+# ------------------------------------------------------------------ T4 (bilevel minimax)
 
 
 def t4_g(x1, y1, y2, th):
@@ -111,7 +111,7 @@ def test_t4_gdmax_reaches_the_penalised_saddle():
     assert float(sol.kkt.max()) < 1e-2  # complementarity rho * gap = 2e-3 dominates
 
 
-# ------------------------------------------------------------------ T5 (§3.7)
+# ------------------------------------------------------------------ T5 (Lagrangian reduction)
 
 
 def t5_g(x, y, th):

@@ -1,4 +1,4 @@
-"""The seed problems against their closed forms (ALGORITHMS.md §4.1, §4.3, §4.4, §4.5)."""
+"""The seed problems against their closed forms (SIGD, coupled, toll, L.1)."""
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +86,7 @@ def test_kornowski_l1_draws_and_hypergradients():
         bj.problems.kornowski_l1(dist="gamma")
 
 
-# ------------------------------------------------------------------ coupled 50/50/10 (§4.3)
+# ------------------------------------------------------------------ coupled 50/50/10
 
 
 def test_coupled_benchmark_draws():
@@ -104,7 +104,7 @@ def test_coupled_benchmark_draws():
     assert not np.array_equal(coupled_benchmark(seed=4, dim_x=6, dim_y=5)[1]["Q_l"], data["Q_l"])
     default = coupled_benchmark()[1]
     assert default["Q_l"].shape == (50, 50) and default["A"].shape == (10, 50)
-    # f and g as written in §4.3, against the data at a random point; the coupled constraints.
+    # f and g as in the docstring, against the data at a random point; the coupled constraints.
     x, y = rng.randn(6), rng.randn(5)
     f = (0.5 * x @ data["P_u"] @ x + x @ data["Q_u"] @ y + 0.5 * y @ data["R_u"] @ y + x.sum()
          + y.sum())
@@ -122,7 +122,7 @@ def test_coupled_benchmark_draws():
 
 
 def _coupled_closed_form(data, x, active):
-    """§1.3, coupled rows: Dy* = -N J - H^-1 A_I^T S^-1 B_I, Dlam_I = -S^-1 (A_I H^-1 J - B_I)."""
+    """Coupled rows: Dy* = -N J - H^-1 A_I^T S^-1 B_I, Dlam_I = -S^-1 (A_I H^-1 J - B_I)."""
     H, J = data["R_l"], data["Q_l"].T
     A_I, B_I, b_I = data["A"][active], data["B"][active], data["b"][active]
     Hinv = np.linalg.inv(H)
@@ -194,7 +194,7 @@ def test_coupled_benchmark_lower_level_at_x0():
     assert int(prob.lower(prob.x0).info.status) == bj.Status.SUCCESS
 
 
-# ------------------------------------------------------------------ network toll (§4.4)
+# ------------------------------------------------------------------ network toll
 
 
 def test_toll_network_data():
@@ -259,7 +259,7 @@ def test_toll_network_lower_level_and_hypergradient():
         outflow = np.bincount(edges[:, 0], y, 10)
         tree_allclose(outflow - inflow, np.r_[data["demand"], np.zeros(8), -data["demand"]],
                       atol=1e-8)
-        # §4.4: H = gamma I, J = I, Dy* = -(1/gamma) (I - A_I^T (A_I A_I^T)^+ A_I), with A_I the
+        # H = gamma I, J = I, Dy* = -(1/gamma) (I - A_I^T (A_I A_I^T)^+ A_I), with A_I the
         # conservation rows and the active bounds (pinv: the rows can be dependent).
         lam = np.asarray(sol.lam)
         lower_bd, upper_bd = lam[90:] > y, lam[:90] > cap - y

@@ -1,4 +1,4 @@
-"""Tests of the projections (ALGORITHMS.md §2.1): brute force, KKT and variational checks."""
+"""Tests of the projections (docs lower/minimax.md): brute force, KKT and variational checks."""
 
 import jax
 import jax.numpy as jnp

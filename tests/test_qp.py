@@ -1,7 +1,7 @@
 """Tests of ``solve_qp``: the interior-point solve, and its implicit, relaxed and penalty rules.
 
-Oracles are ALGORITHMS.md §5 O3 (separable box QP), O4 (designed active set), O5 (penalty
-convergence) and O7 (cross-rule consistency), plus the OptNet formulas of §1.2.
+Oracles: a separable box QP (O3), a designed active set (O4), penalty convergence (O5) and
+cross-rule consistency (O7), plus the OptNet formulas (docs lower/qp.md).
 """
 
 import jax
@@ -134,7 +134,7 @@ def test_box_qp_exact_jacobian_and_kink():
     free = (u_target > lo) & (u_target <= hi)  # the kink coordinate counts as free
     exact = (free / s)[:, None] * -P.T
     tree_allclose(jax.jacrev(lambda x: solve(x).y)(x), exact)
-    # The penalty oracle converges as alpha -> 0 (O3, §1.5); its error is O(alpha^2).
+    # The penalty oracle converges as alpha -> 0 (O3); its error is O(alpha^2).
     jac = jax.jacrev(lambda x: solve(x, hypergrad="penalty", alpha=1e-3).y)(x)
     tree_allclose(jac, exact, rtol=0, atol=1e-5)
     # The kink: one-sided differences. Along `inward` u_5 decreases (the bound is released).
@@ -184,11 +184,11 @@ def test_inactive_rows_do_not_change_the_gradient():
     tree_allclose(grad, prob.hypergradient(prob.x0))
 
 
-# ------------------------------------------------------------------ §1.2: gradients w.r.t. data
+# ------------------------------------------------------------------ OptNet gradients w.r.t. data
 
 
 def test_data_gradients_match_optnet_formulas():
-    """Equality + inequality QP: the VJP w.r.t. every data array equals §1.2 (OptNet form)."""
+    """Equality + inequality QP: the VJP w.r.t. every data array equals the OptNet form."""
     prob = Designed(seed=3, active=(0, 2), lam=(0.8, 1.3))
     data = prob.data(prob.x0)
     rng = np.random.default_rng(4)

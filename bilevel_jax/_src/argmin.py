@@ -19,13 +19,14 @@ Hypergradient rules:
   null-space form ``(P H P + I - P) w_N = P (ybar - H w_R)``, ``w_R = A^+ nubar``,
   ``mu = (A^+)^T (ybar - H w)`` (Cholesky, reusing Newton's factorisation, or CG), or as a
   full symmetric system (MINRES, LU, GMRES, ...); then ``thetabar = -d/dtheta <(w, mu), r>``.
-* ``"finite_difference"``: first-order, Hessian-free (ALGORITHMS.md §1.6, Kornowski et al.).
-* ``"unrolled"``: reverse-mode through a fixed number of solver steps.
+* ``"finite_difference"``: first-order, Hessian-free (Kornowski et al.; docs page "Unconstrained").
+* ``"unrolled"``: reverse-mode through the forward solver's own steps (``loops.iterate``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -34,9 +35,9 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from bilevel_jax._src import kkt, vma
+from bilevel_jax._src import kkt, loops, vma
 from bilevel_jax._src import linear_solve as ls
-from bilevel_jax._src.constrained import Inequalities, interior_point, masked_residual
+from bilevel_jax._src.constrained import Inequalities, masked_residual, qp_adjoint, sqp
 from bilevel_jax._src.implicit import SolveAux, custom_solution, implicit_solution
 from bilevel_jax._src.tree import is_inexact, tree_all_finite, tree_scale
 from bilevel_jax._src.types import (
@@ -50,7 +51,7 @@ from bilevel_jax._src.types import (
 )
 from bilevel_jax._src.validation import check_option, check_scalar_output, flatten_variables
 
-SOLVERS = ("auto", "newton", "lbfgs", "gradient", "interior_point")
+SOLVERS = ("auto", "newton", "lbfgs", "gradient", "sqp")
 HYPERGRADS = ("implicit", "penalty", "finite_difference", "unrolled")
 LINEAR_SOLVERS = (
     "auto", "cholesky", "cg", "neumann", "dense", "lu", "minres", "gmres", "normal_cg"
@@ -169,7 +170,7 @@ class _Problem(NamedTuple):
         return value
 
     def multipliers(self, y, lam, params):
-        """Least-squares ``(nu, lam)`` on the equalities and the active rows (§2.4)."""
+        """Least-squares ``(nu, lam)`` on the equalities and the active rows."""
         ineq = self.inequalities(params)
         m_eq = 0 if self.equalities is None else self.equalities(params)[0].shape[0]
         extra = None
@@ -190,8 +191,14 @@ class _Problem(NamedTuple):
 # converged, factorisation or None). The residual is ||P grad g(y)||.
 
 
-def _newton(fun, y0, affine, tol, max_iter):
-    """Damped Newton with Armijo backtracking, on the affine set via the projector ``P``."""
+def _newton(fun, y0, affine, tol, max_iter, unrolled=False):
+    """Damped Newton with Armijo backtracking, on the affine set via the projector ``P``.
+
+    One step: ``d = -(P H P + I - P)^{-1} P grad g(y)`` (Cholesky), then the first of
+    ``t = 1, 1/2, ...`` that passes Armijo on ``g`` or (once the decrease is below rounding in
+    ``g``) reduces ``||P grad g||``. The same step runs forward (``while_loop``, stopping at
+    the tolerance or a failed search) and unrolled (``scan`` of ``max_iter`` steps).
+    """
     n = y0.shape[0]
     eye = jnp.eye(n, dtype=y0.dtype)
     P = None if affine is None else eye - affine.pinv @ affine.A
@@ -204,41 +211,35 @@ def _newton(fun, y0, affine, tol, max_iter):
         grad = jax.grad(fun)(y)
         return _tangent(affine, grad), ls.factorize(reduced_hessian(y), structure="spd")
 
-    def line_search(y, value, grad, direction):
-        # Armijo on g, or (once the decrease is below rounding in g) on the residual norm.
-        slope, gnorm = grad @ direction, jnp.linalg.norm(grad)
+    def step(state):
+        y, grad, fact, _ = state
+        direction = -ls.solve_factorized(fact, grad)
+        value, slope, gnorm = fun(y), grad @ direction, jnp.linalg.norm(grad)
 
-        def accept(t):
-            trial = y + t * direction
-            pgrad = _tangent(affine, jax.grad(fun)(trial))
-            armijo = fun(trial) <= value + 1e-4 * t * slope
-            return armijo | (jnp.linalg.norm(pgrad) <= (1 - 1e-4 * t) * gnorm)
+        def trial(t):
+            y_t = y + t * direction
+            pgrad = _tangent(affine, jax.grad(fun)(y_t))
+            armijo = fun(y_t) <= value + 1e-4 * t * slope
+            return armijo | (jnp.linalg.norm(pgrad) <= (1 - 1e-4 * t) * gnorm), None
 
-        def cond(t):
-            return ~accept(t) & (t > 1e-12)
-
-        t = vma.while_loop(cond, lambda t: t / 2, jnp.ones_like(value))
-        return t, accept(t)
+        t, ok, _ = loops.backtracking(trial, jnp.ones_like(value), min_step=1e-12)
+        ok = ok & jnp.all(jnp.isfinite(direction))
+        y_new = jnp.where(ok, y + t * direction, y)
+        grad_new, fact_new = model(y_new)
+        return y_new, grad_new, fact_new, ok
 
     grad0, fact0 = model(y0)
     threshold = tol * (1 + jnp.linalg.norm(grad0))
 
     def cond(state):
-        k, _, grad, _, ok = state
-        return (k < max_iter) & (jnp.linalg.norm(grad) > threshold) & ok
+        _, grad, _, ok = state
+        return (jnp.linalg.norm(grad) > threshold) & ok
 
-    def body(state):
-        k, y, grad, fact, _ = state
-        direction = -ls.solve_factorized(fact, grad)
-        t, ok = line_search(y, fun(y), grad, direction)
-        ok = ok & jnp.all(jnp.isfinite(direction))
-        y_new = jnp.where(ok, y + t * direction, y)
-        grad_new, fact_new = model(y_new)
-        return k + 1, y_new, grad_new, fact_new, ok
-
-    state = (jnp.asarray(0), y0, grad0, fact0, jnp.asarray(True))
-    k, y, grad, fact, _ = vma.while_loop(cond, body, state)
+    k, (y, grad, fact, _) = loops.iterate(step, (y0, grad0, fact0, jnp.asarray(True)), cond,
+                                          max_iter, unrolled)
     res = jnp.linalg.norm(grad)
+    if unrolled:  # the unrolled rule reports no curvature verdict
+        return y, k, res, res <= threshold, fact, None
     return y, k, res, res <= threshold, fact, _curvature_verdict(reduced_hessian, fact, y)
 
 
@@ -290,39 +291,39 @@ def _lbfgs(fun, y0, affine, tol, max_iter):
     eps = jnp.finfo(y0.dtype).eps
 
     def cond(state):
-        k, _, _, res, negative = state
-        return (k < max_iter) & (res > threshold) & ~negative
+        _, _, res, negative = state
+        return (res > threshold) & ~negative
 
-    def body(state):
+    def step(state):
         # Stops at negative curvature along the step, s' (grad(z + s) - grad(z)) < 0 beyond
         # rounding: g is not convex there (on a convex g the curvature is >= 0).
-        k, z, opt_state, _, _ = state
+        z, opt_state, _, _ = state
         value, grad = value_and_grad(z, state=opt_state)
         updates, opt_state = opt.update(
             grad, opt_state, z, value=value, grad=grad, value_fn=reduced
         )
         z_new = optax.apply_updates(z, updates).astype(y0.dtype)
         grad_new = jax.grad(reduced)(z_new)
-        step, gnorm = z_new - z, jnp.linalg.norm(grad_new)
-        rounding = 100 * eps * jnp.linalg.norm(step) * (jnp.linalg.norm(grad) + gnorm)
-        negative = step @ (grad_new - grad) < -rounding
-        return k + 1, z_new, opt_state, gnorm, negative
+        move, gnorm = z_new - z, jnp.linalg.norm(grad_new)
+        rounding = 100 * eps * jnp.linalg.norm(move) * (jnp.linalg.norm(grad) + gnorm)
+        negative = move @ (grad_new - grad) < -rounding
+        return z_new, opt_state, gnorm, negative
 
-    state = (jnp.asarray(0), z0, opt.init(z0), jnp.asarray(jnp.inf, y0.dtype),
-             jnp.asarray(False))
-    k, z, _, res, negative = vma.while_loop(cond, body, state)
+    state = (z0, opt.init(z0), jnp.asarray(jnp.inf, y0.dtype), jnp.asarray(False))
+    k, (z, _, res, negative) = loops.iterate(step, state, cond, max_iter)
     verdict = jnp.where(negative, Status.NONCONVEX, Status.SUCCESS).astype(jnp.int32)
     return y0 + _tangent(affine, z), k, res, res <= threshold, None, verdict
 
 
-def _gradient(fun, y0, project, tol, max_iter):
+def _gradient(fun, y0, project, tol, max_iter, unrolled=False):
     """Accelerated projected gradient (FISTA) with adaptive step and gradient restart.
 
     ``project`` maps onto the feasible set (the affine set, or a box). The residual is the
     gradient mapping ``||y - project(y - grad g(y))||``. The step ``1/L`` adapts to the local
     curvature ``||grad(y+) - grad(x)|| / ||y+ - x||`` (no function values, so rounding near
     the solution cannot stall it); momentum restarts when the step points against it
-    (O'Donoghue and Candes, 2015).
+    (O'Donoghue and Candes, 2015). The same step runs forward and unrolled (the step size is
+    held constant by the unrolled derivative).
     """
     grad_fn = jax.grad(fun)
     tiny = jnp.finfo(y0.dtype).tiny
@@ -332,40 +333,40 @@ def _gradient(fun, y0, project, tol, max_iter):
 
     threshold = tol * (1 + mapping(y0))
 
-    def step(x, lip):
+    def projected_step(x, lip):
+        # Search on the step t = 1/L: accept when the local curvature is at most 1/t, else
+        # L <- 2 max(L, curvature).
         grad = grad_fn(x)
 
-        def curvature(y_new):
+        def trial(t):
+            y_new = project(x - t * grad)
             d = y_new - x
-            return jnp.linalg.norm(grad_fn(y_new) - grad) / jnp.maximum(jnp.linalg.norm(d), tiny)
+            curvature = jnp.linalg.norm(grad_fn(y_new) - grad) / jnp.maximum(
+                jnp.linalg.norm(d), tiny)
+            return curvature * t <= 1, (y_new, curvature)
 
-        def cond(state):
-            lip_, y_new = state
-            return (curvature(y_new) > lip_) & (lip_ < 1e30)
+        def shrink(t, aux):
+            return 1 / (2 * jnp.maximum(1 / t, aux[1]))
 
-        def body(state):
-            lip_, y_new = state
-            lip_ = 2 * jnp.maximum(lip_, curvature(y_new))
-            return lip_, project(x - grad / lip_)
+        t, _, (y_new, _) = loops.backtracking(trial, 1 / lip, shrink=shrink, min_step=1e-30,
+                                              differentiable=unrolled)
+        return 1 / t, y_new
 
-        return vma.while_loop(cond, body, (lip, project(x - grad / lip)))
-
-    def cond(state):
-        k, _, _, _, _, res = state
-        return (k < max_iter) & (res > threshold)
-
-    def body(state):
-        k, y, x, t, lip, _ = state
-        lip, y_new = step(x, lip)
+    def step(state):
+        y, x, t, lip, _ = state
+        lip, y_new = projected_step(x, lip)
         t_new = (1 + jnp.sqrt(1 + 4 * t**2)) / 2
         restart = (x - y_new) @ (y_new - y) > 0
         x_new = jnp.where(restart, y_new, y_new + ((t - 1) / t_new) * (y_new - y))
         t_new = jnp.where(restart, jnp.ones_like(t), t_new)
-        return k + 1, y_new, x_new, t_new, 0.9 * lip, mapping(y_new)
+        return y_new, x_new, t_new, 0.9 * lip, jax.lax.stop_gradient(mapping(y_new))
+
+    def cond(state):
+        return state[4] > threshold
 
     one = jnp.ones((), y0.dtype)
-    state = (jnp.asarray(0), y0, y0, one, one, mapping(y0))
-    k, y, _, _, _, res = vma.while_loop(cond, body, state)
+    state = (y0, y0, one, one, jax.lax.stop_gradient(mapping(y0)))
+    k, (y, _, _, _, res) = loops.iterate(step, state, cond, max_iter, unrolled)
     return y, k, res, res <= threshold, None, jnp.asarray(Status.SUCCESS, jnp.int32)
 
 
@@ -383,46 +384,13 @@ _FORWARD = {
 
 
 def _unrolled(fun, y0, affine, tol, max_iter, solver, project=None):
-    """Run exactly ``max_iter`` differentiable steps (Newton or projected gradient)."""
-    project = project or (lambda z: _project(affine, z))
-    n = y0.shape[0]
+    """Exactly ``max_iter`` steps of the forward solver's own step (Newton or gradient)."""
     if solver == "newton":
-        ts = 0.5 ** jnp.arange(30, dtype=y0.dtype)
-
-        def step(y, _):
-            grad = _tangent(affine, jax.grad(fun)(y))
-            hvp = lambda w: jax.jvp(jax.grad(fun), (y,), (w,))[1]  # noqa: E731
-            hess = jax.vmap(hvp)(vma.vary_like(jnp.eye(n, dtype=y.dtype), y)).T
-            if affine is not None:
-                P = jnp.eye(n, dtype=y.dtype) - affine.pinv @ affine.A
-                hess = P @ hess @ P + (jnp.eye(n, dtype=y.dtype) - P)
-            direction = -jnp.linalg.solve(hess, grad)
-            def accept(t):
-                trial = y + t * direction
-                armijo = fun(trial) <= fun(y) + 1e-4 * t * (grad @ direction)
-                pgrad = _tangent(affine, jax.grad(fun)(trial))
-                return armijo | (pgrad @ pgrad <= (1 - 1e-4 * t) ** 2 * (grad @ grad))
-
-            ok = jax.vmap(accept)(ts)
-            t = jnp.where(jnp.any(ok), ts[jnp.argmax(ok)], 0.0)
-            return y + t * direction, None
-
+        y, k, res, conv, *_ = _newton(fun, y0, affine, tol, max_iter, unrolled=True)
     else:
-        lip = jax.lax.stop_gradient(_lipschitz_estimate(fun, y0, affine))
-
-        def step(carry, _):
-            y, y_prev, k = carry
-            x = y + (k - 1) / (k + 2) * (y - y_prev)
-            return (project(x - jax.grad(fun)(x) / lip), y, k + 1), None
-
-    init = y0 if solver == "newton" else (y0, y0, jnp.ones((), y0.dtype))
-    out, _ = vma.scan(step, init, None, length=max_iter)
-    y = out if solver == "newton" else out[0]
-    def mapping(y):
-        return jnp.linalg.norm(y - project(y - jax.grad(fun)(y)))
-
-    res = mapping(y)
-    return y, max_iter, res, res <= tol * (1 + mapping(y0))
+        project = project or (lambda z: _project(affine, z))
+        y, k, res, conv, *_ = _gradient(fun, y0, project, tol, max_iter, unrolled=True)
+    return y, k, res, conv
 
 
 def _lipschitz_estimate(fun, y, affine, num_iter=50):
@@ -432,14 +400,7 @@ def _lipschitz_estimate(fun, y, affine, num_iter=50):
     def hvp(w):
         return _tangent(affine, jax.jvp(grad, (y,), (_tangent(affine, w),))[1])
 
-    v = _tangent(affine, jnp.ones_like(y) + jnp.arange(y.shape[0], dtype=y.dtype) / y.shape[0])
-    v = v / jnp.maximum(jnp.linalg.norm(v), jnp.finfo(y.dtype).tiny)
-
-    def body(_, v):
-        w = hvp(v)
-        return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(y.dtype).tiny)
-
-    v = vma.fori_loop(0, num_iter, body, v)
+    v = loops.power_iteration(hvp, _tangent(affine, loops.power_start(y)), num_iter)
     return 1.5 * jnp.maximum(v @ hvp(v), jnp.finfo(y.dtype).tiny)
 
 
@@ -519,6 +480,9 @@ def _adjoint_solve(problem, method: str, ridge: float, report: bool = False):
             return unflat(ls.solution_or_nan(sol, report=report, what="argmin adjoint solve"))
         fact = aux[1] if ridge == 0.0 and method == "auto" else None
         ineq = problem.inequalities(params)
+        if ineq is not None and fact is not None:
+            # The forward's factorisation of the last QP subproblem, refined on the exact K.
+            return qp_adjoint(vjp_z, zbar, z, ineq, fact)
         if ineq is None:
             w, mu = kkt_adjoint(hvp, v, nubar, problem.affine(params), fact, method,
                                 report=report)
@@ -539,7 +503,7 @@ def _adjoint_solve(problem, method: str, ridge: float, report: bool = False):
 
 
 def _finite_difference_backward(problem, solver, delta, tol, max_iter):
-    """ALGORITHMS.md §1.6: ``[grad_theta l(y_d, nu_d) - grad_theta l(y*, nu*)] / delta``.
+    """Finite differences: ``[grad_theta l(y_d, nu_d) - grad_theta l(y*, nu*)] / delta``.
 
     ``(y_d, nu_d)`` solves the lower level with ``g + delta <v, y>`` (``v = ybar / |ybar|``);
     by the envelope theorem the difference quotient tends to ``v^T Dy*`` with error
@@ -569,7 +533,7 @@ def _finite_difference_backward(problem, solver, delta, tol, max_iter):
 
 
 def _penalty_backward(problem, alpha, tol, max_iter):
-    """The F2CBA penalty oracle as a VJP (ALGORITHMS.md §1.5, Kornowski et al.).
+    """The F2CBA penalty oracle as a VJP (Kornowski et al.; docs ``lower/inequality.md``).
 
     With ``(y*, nu*, lam*)`` and the active rows ``c_I(y) = [A y - b; G_I y - h_I]`` held
     fixed, for ``v = ybar / |ybar|`` solve the *unconstrained* problem
@@ -655,13 +619,22 @@ def argmin(
     to every array that ``g``, ``eq``, ``ineq`` or ``box`` close over. The KKT conditions are
     ``grad_y g + A^T nu + G^T lam = 0``, ``A y = b``, ``0 <= lam _|_ h - G y >= 0``.
 
-    The implicit rule differentiates the KKT system on the active set (rows with
-    ``lam_i > 10 (h_i - G_i y)``; weakly active rows, ``lam_i = 0``, count as inactive, which
-    gives the one-sided derivative along directions that leave them): it solves
+    With ``ineq`` (or ``box`` together with ``eq``/``ineq``) the forward solve is sequential
+    quadratic programming over the engine of :func:`solve_qp`: each step solves the quadratic
+    model of ``g`` at the iterate under the constraints (homogeneous interior point, then the
+    active-set polish), with an Armijo test on an exact penalty; a quadratic ``g`` takes one
+    step, so it costs what ``solve_qp`` costs.
+
+    The implicit rule differentiates the KKT system on the active set (the one rule of the
+    library: rows tight to ``sqrt(tol)`` with a multiplier above ``sqrt(tol)``, both relative
+    and per unit row norm; weakly active rows count as inactive, which gives the one-sided
+    derivative along directions that leave them): it solves
     ``[H A_I^T; A_I 0] [w; mu] = [ybar; nubar_I]`` (``H`` the Hessian of ``g``, ``A_I`` the
     equality and active rows) and returns ``thetabar = -d/dtheta <(w, mu), r(y*, nu*, lam*)>``
-    with ``r`` the masked KKT residual (ALGORITHMS.md §1.0–§1.3). Dependent active rows are
-    allowed (minimum-norm ``mu``). For ``box`` constraints the rule is matrix-free:
+    with ``r`` the masked KKT residual (docs ``lower/inequality.md``). By default the system
+    is solved through the last QP subproblem's factorisation, refined against the exact
+    Hessian at ``y*``; a system that is singular on the identified active set gives NaN
+    cotangents. For ``box`` constraints alone the rule is matrix-free:
     ``H_FF u_F = ybar_F`` on the free coordinates by CG with masked Hessian-vector products.
 
     Assumptions: ``g`` twice differentiable and strongly convex in ``y`` (on ``null(A)``);
@@ -685,11 +658,12 @@ def argmin(
     failures return the last iterate. ``hypergrad="unrolled"`` differentiates the steps it
     ran whatever the status.
 
-    Cost: Newton and the interior point form the ``n x n`` Hessian (``n`` up to a few
+    Cost: Newton and SQP form the ``n x n`` Hessian (``n`` up to a few
     thousand); L-BFGS and the projected gradient method use gradients only and the implicit
     rule then uses Hessian-vector products (CG), which scales to ``10^6`` variables for box
     constraints. Under ``jax.vmap`` a ``while_loop`` runs until the slowest member of the batch
-    has converged; ``hypergrad="unrolled"`` runs exactly ``max_iter`` steps instead.
+    has converged; ``hypergrad="unrolled"`` runs a ``scan`` of ``max_iter`` steps instead
+    (steps after convergence leave the iterate unchanged).
 
     Args:
       g: ``g(y, theta) -> scalar``. May close over arrays (network parameters, data): they
@@ -703,16 +677,17 @@ def argmin(
         allowed. Alone, it is handled matrix-free; with ``eq`` or ``ineq`` it becomes rows of
         ``G``.
       solver: ``"newton"`` (dense, Armijo line search), ``"lbfgs"`` (optax), ``"gradient"``
-        (accelerated projected gradient), ``"interior_point"`` (primal-dual, dense; the only
-        one for ``ineq``) or ``"auto"``: interior point with ``ineq``, projected gradient with
-        ``box`` alone, else Newton when ``n <= 500`` and L-BFGS above (``"gradient"`` when
-        unrolled).
+        (accelerated projected gradient), ``"sqp"`` (sequential QP over the ``solve_qp``
+        engine, dense; the only one for ``ineq``) or ``"auto"``: SQP with ``ineq``, projected
+        gradient with ``box`` alone, else Newton when ``n <= 500`` and L-BFGS above
+        (``"gradient"`` when unrolled).
       hypergrad: ``"implicit"`` (exact KKT on the active set); ``"penalty"`` (first-order,
         Hessian-free F2CBA oracle: one unconstrained solve per VJP, error ``O(alpha)``,
         ``O(alpha^2)`` for quadratic ``g``; ``eq``/``ineq``); ``"finite_difference"``
         (first-order, one extra solve of ``g + delta <ybar, y>``, error ``O(delta)``, exact for
-        quadratic ``g``; unconstrained or ``eq`` only); ``"unrolled"`` (differentiate
-        ``max_iter`` Newton or projected-gradient steps; not with ``ineq``).
+        quadratic ``g``; unconstrained or ``eq`` only); ``"unrolled"`` (differentiate the
+        very Newton or projected-gradient steps the forward solver takes, step sizes held
+        constant; not with ``ineq``).
       linear_solver: the implicit rule's backward solve. ``"auto"`` reuses Newton's Cholesky
         factor, else factorises densely when ``n <= 1000``, else CG; ``"cholesky"``, ``"cg"``
         and ``"neumann"`` solve the reduced SPD system; ``"dense"``, ``"lu"``, ``"minres"``,
@@ -721,8 +696,8 @@ def argmin(
         tolerance (default 1e-12 relative residual in float64, 1e-6 in float32, below the
         forward tolerance) makes the hypergradient NaN rather than silently inaccurate.
       tol: relative tolerance on the KKT residual (default 1e-10 in float64, 1e-5 in float32).
-      max_iter: iteration limit (defaults: 100 Newton, 2000 L-BFGS, 10000 gradient, 200
-        interior point; unrolled: 20 Newton or 500 gradient steps).
+      max_iter: iteration limit (defaults: 100 Newton, 2000 L-BFGS, 10000 gradient, 50 SQP
+        steps; unrolled: 20 Newton or 500 gradient steps).
       ridge: ``ridge >= 0`` added to the Hessian in the backward solve: the result is then the
         hypergradient of the lower level with ``g + ridge/2 ||y||^2`` linearised at ``y*``.
       delta: perturbation of the ``"finite_difference"`` rule.
@@ -782,16 +757,60 @@ def argmin(
             max_iter = 20 if solver == "newton" else 500
         else:
             max_iter = {"newton": 100, "lbfgs": 2000, "gradient": 10000,
-                        "interior_point": 200}[solver]
+                        "sqp": 50}[solver]
 
     # Closure conversion: arrays the user functions close over become differentiable inputs.
+    # jax.closure_convert caches the converted function per (function, argument types), so a
+    # repeated call with the same functions and shapes hits the compilation cache of _solve.
+    # As with jax.jit, functions must be pure: a global they read is captured when they are
+    # first traced (JAX's trace cache), so pass changing data through theta or a closure.
     g_conv, g_consts = vma.closure_convert(g, y0, theta)
-    fns = {"eq": eq, "ineq": ineq, "box": box}
     converted, consts = {}, {}
-    for name, fn in fns.items():
+    for name, fn in (("eq", eq), ("ineq", ineq), ("box", box)):
         if fn is not None:
             converted[name], consts[name] = vma.closure_convert(fn, theta)
-    params = (theta, tuple(g_consts), {k: tuple(v) for k, v in consts.items()})
+    for name, fn, mat, vec in (("eq", eq, "A", "b"), ("ineq", ineq, "G", "h")):
+        if fn is not None:
+            _check_rows(name, fn, theta, n, mat, vec)
+    if box is not None:
+        _check_box_concrete(_box_bounds(box, theta, y0, unravel), box, theta)
+    options = _Options(solver, hypergrad, linear_solver, float(tol), int(max_iter), float(ridge),
+                       float(delta), float(alpha), bool(throw))
+    fns = (g_conv, converted.get("eq"), converted.get("ineq"), converted.get("box"))
+    y, nu, lam, info = _solve(fns, options, y0, theta,
+                              (tuple(g_consts), {k: tuple(v) for k, v in consts.items()}))
+    check_info(info, throw)
+    return Solution(unravel(y), nu if eq is not None else None,
+                    lam if ineq is not None else None, info)
+
+
+class _Options(NamedTuple):
+    """The static options of one :func:`argmin` solve (hashable: the compilation-cache key)."""
+
+    solver: str
+    hypergrad: str
+    linear_solver: str
+    tol: float
+    max_iter: int
+    ridge: float
+    delta: float
+    alpha: float
+    throw: bool
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _solve(fns, options: _Options, y0, theta, consts):
+    """Build the problem from the converted user functions and run the rule.
+
+    Jitted once per functions, options, shapes and dtypes: eager calls reuse the compilation.
+    """
+    g_conv, eq_conv, ineq_conv, box_conv = fns
+    solver, hypergrad, linear_solver, tol, max_iter, ridge, delta, alpha, throw = options
+    y0_flat, unravel = ravel_pytree(y0)
+    n, dtype = y0_flat.shape[0], y0_flat.dtype
+    box_only = box_conv is not None and eq_conv is None and ineq_conv is None
+    converted = {"eq": eq_conv, "ineq": ineq_conv, "box": box_conv}
+    params = (theta, consts[0], consts[1])
     # Inside shard_map: one uniformly per-device problem (see vma.py); the identity elsewhere.
     params = vma.vary_like(params, params, y0_flat)
     y0_flat = vma.vary_like(y0_flat, params)
@@ -801,20 +820,19 @@ def argmin(
             return tuple(jnp.asarray(a, dtype) for a in converted[name](p[0], *p[2][name]))
         return fn
 
-    m_eq = _check_rows("eq", eq, theta, n, "A", "b") if eq is not None else 0
-    k_in = _check_rows("ineq", ineq, theta, n, "G", "h") if ineq is not None else 0
-    equalities = call("eq") if eq is not None else None
-    inequalities = call("ineq") if ineq is not None else None
+    m_eq = 0 if eq_conv is None else jax.eval_shape(call("eq"), params)[0].shape[0]
+    k_in = 0 if ineq_conv is None else jax.eval_shape(call("ineq"), params)[0].shape[0]
+    equalities = call("eq") if eq_conv is not None else None
+    inequalities = call("ineq") if ineq_conv is not None else None
     box_fn = bounds_fn = None
-    if box is not None:
-        bounds = _box_bounds(box, theta, y0, unravel)
-        _check_box_concrete(bounds, box, theta)
+    if box_conv is not None:
+        bounds = _box_bounds(lambda th: box_conv(th, *params[2]["box"]), theta, y0, unravel)
 
         def box_fn(p):
             return bounds(converted["box"](p[0], *p[2]["box"]))
 
         bounds_fn = box_fn
-        if not box_only:  # box rows join G y <= h for the interior point
+        if not box_only:  # box rows join G y <= h for SQP
             inequalities = _append_box(inequalities, box_fn, n, dtype)
             k_in += 2 * n
             box_fn = None
@@ -835,18 +853,18 @@ def argmin(
                 fun_at(p), jnp.clip(y_start, lo, hi), lambda z: jnp.clip(z, lo, hi), tol_, max_iter
             )
         elif ineq_p is not None:
-            tangent = (lambda z: z) if affine is None else affine.tangent
-            y, lam, k, res, conv = interior_point(
-                fun_at(p), _project(affine, y_start), tangent, ineq_p, tol_, max_iter
-            )
-            y, lam = _polish(problem, fun_at(p), y, lam, ineq_p, p, tol_)
+            A, b = (jnp.zeros((0, n), dtype), jnp.zeros((0,), dtype)) if affine is None else (
+                affine.A, affine.b)
+            out = sqp(fun_at(p), y_start, A, b, *problem.inequalities_fn(p), tol_, max_iter)
+            y, nu, lam, k, res, verdict, fact = out
+            conv = (res <= tol_) & (verdict == Status.SUCCESS)
         else:
             y, k, res, conv, fact, verdict = _FORWARD[solver](
                 fun_at(p), _project(affine, y_start), affine, tol_, max_iter
             )
-        nu = jnp.zeros((m_eq,), dtype) if affine is None else affine.multipliers(
-            jax.grad(problem.objective)(y, p) + (0 if ineq_p is None else ineq_p.G.T @ lam)
-        )
+        if ineq_p is None:
+            nu = jnp.zeros((m_eq,), dtype) if affine is None else affine.multipliers(
+                jax.grad(problem.objective)(y, p))
         info = _make_info(problem, y, lam, (k, res, conv, verdict), y_start, p, dtype)
         # NONFINITE data or iterates: NaN outputs (the policy of types.Status).
         y, nu, lam = _nan_if_nonfinite(info, (y, nu, lam))
@@ -878,7 +896,9 @@ def argmin(
                         100 * float(jnp.finfo(dtype).eps))
 
         def solve(y_start, p):
-            (y, _, lam), aux = forward((y_start, z0[1], z0[2]), p)
+            # (zeros made here: a custom_vjp rule must not close over tracers of this trace)
+            zeros = (jnp.zeros((m_eq,), dtype), jnp.zeros((k_in,), dtype))
+            (y, _, lam), aux = forward((y_start, *zeros), p)
             return y, SolveAux(aux.info, lam)
 
         backward = (_finite_difference_backward(problem, solver, delta, inner_tol, max_iter)
@@ -888,70 +908,26 @@ def argmin(
         info = aux.info
         nu, lam = problem.multipliers(y, jax.lax.stop_gradient(aux.extra), params)
 
-    check_info(info, throw)
-    return Solution(unravel(y), nu if eq is not None else None,
-                    lam[: k_in - (2 * n if box is not None and not box_only else 0)]
-                    if ineq is not None else None, info)
+    return y, nu, lam[: k_in - (2 * n if box_conv is not None and not box_only else 0)], info
 
 
-def _polish(problem, fun, y, lam, ineq, params, tol, max_rounds=4):
-    """Re-solve on the active set as equalities (ALGORITHMS.md §2.3 polish).
-
-    Two Newton steps on ``min g s.t. A y = b, G_I y = h_I`` make ``(y, lam_I)`` exact to
-    rounding (inactive multipliers exactly 0), which the first-order rules need (their error
-    is the solve error divided by ``alpha^2``). A guess of ``I`` is accepted if the polished
-    point stays feasible for the inactive rows with ``lam_I >= 0``; otherwise the primal-dual
-    active-set update ``I <- {i in I: lam_i >= 0} + {i not in I: violated}`` is tried, at most
-    ``max_rounds`` guesses in all (a row whose multiplier and slack the interior point has
-    not yet told apart, ``lam_i ~ s_i``, needs it). If none is accepted, ``(y, lam)`` is kept.
-    """
-    n, k = y.shape[0], lam.shape[0]
-    eye = jnp.eye(n, dtype=y.dtype)
-
-    def attempt(m):
-        affine = problem.affine(params, extra=(m[:, None] * ineq.G, m * ineq.h))
-        P = eye - affine.pinv @ affine.A
-
-        def newton_step(_, y):  # full steps: the start is within the quadratic-convergence region
-            hess = P @ jax.hessian(fun)(y) @ P + (eye - P)
-            return y - jnp.linalg.solve(hess, P @ jax.grad(fun)(y))
-
-        y_pol = vma.fori_loop(0, 2, newton_step, affine.project(y))
-        mult = affine.multipliers(jax.grad(fun)(y_pol))
-        lam_pol = m * mult[mult.shape[0] - k:]
-        slack = ineq.slack(y_pol)
-        bounds = ineq.bounds(y_pol)
-        ok, update = kkt.polish_verdict(slack, lam_pol, m > 0, ineq.finite, tol, *bounds)
-        ok = ok & jnp.all(jnp.isfinite(y_pol))
-        return y_pol, jnp.maximum(lam_pol, 0), ok, update.astype(m.dtype)
-
-    def body(state):
-        it, _, _, _, m = state
-        y_pol, lam_pol, ok, update = attempt(m)
-        return it + 1, y_pol, lam_pol, ok, update
-
-    state = (jnp.asarray(0), y, lam, jnp.asarray(False), ineq.active(y, lam))
-    _, y_pol, lam_pol, ok, _ = vma.while_loop(
-        lambda st: (st[0] < max_rounds) & ~st[3], body, state
-    )
-    return jnp.where(ok, y_pol, y), jnp.where(ok, lam_pol, lam)
 
 
 def _choose_solver(solver, hypergrad, n, eq, ineq, box, box_only):
     if ineq is not None or (box is not None and not box_only):
-        if solver not in ("auto", "interior_point"):
+        if solver not in ("auto", "sqp"):
             raise ValueError(
                 f"solver={solver!r} does not handle inequality constraints; use "
-                "solver='interior_point' (or 'auto')."
+                "solver='sqp' (or 'auto')."
             )
         if hypergrad in ("unrolled", "finite_difference"):
             raise ValueError(
                 f"hypergrad={hypergrad!r} is not available with inequality constraints; use "
                 "'implicit' or 'penalty'."
             )
-        return "interior_point"
-    if solver == "interior_point":
-        raise ValueError("solver='interior_point' needs inequality constraints (ineq=...).")
+        return "sqp"
+    if solver == "sqp":
+        raise ValueError("solver='sqp' needs inequality constraints (ineq=...).")
     if box_only:
         if solver not in ("auto", "gradient"):
             raise ValueError(
@@ -1036,7 +1012,7 @@ def _make_info(problem, y, lam, stats, y_start, params, dtype):
     status = jnp.where(unbounded, Status.UNBOUNDED, status)
     status = jnp.where(finite, status, Status.NONFINITE)
     if problem.bounds is not None:
-        # An empty box (finite data) makes the interior point's iterates non-finite: say why.
+        # An empty box (finite data): say why, whatever the solver reported.
         lo, hi = problem.bounds(params)
         status = jnp.where(jnp.any(lo > hi) & ~nan_data, Status.INFEASIBLE, status)
     ok = (status == Status.SUCCESS) | (status == Status.RANK_DEFICIENT)

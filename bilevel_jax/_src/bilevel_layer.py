@@ -5,7 +5,7 @@ The layer maps an input ``z`` (any pytree) to the solution ``(x*, y*)`` of
     x*(z) = argmin_x f(x, y*(x, z), z),      y*(x, z) = argmin_y g(x, y, z)  [s.t. A y = b],
 
 and differentiates both outputs with respect to ``z`` and to every array that ``f``, ``g`` or
-``eq`` close over (Alesiani, AAAI 2023; ALGORITHMS.md §1.8).
+``eq`` close over (Alesiani, AAAI 2023; docs page ``lower/bilevel-layer.md``).
 
 Notation on flattened variables: ``w = y`` (or ``w = (y, nu)`` with linear equalities, ``nu``
 their multipliers), ``ell = g + nu^T (A y - b)`` the lower-level Lagrangian,
@@ -47,7 +47,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import linear_solve as ls
-from bilevel_jax._src import vma
+from bilevel_jax._src import loops, vma
 from bilevel_jax._src.argmin import argmin, default_tol
 from bilevel_jax._src.implicit import SolveAux, custom_solution, implicit_solution
 from bilevel_jax._src.tree import tree_all_finite
@@ -224,11 +224,11 @@ def _dense_inner(problem, inner, xf, w0, p):
     threshold = tol * (1 + jnp.linalg.norm(residual(w0)))
 
     def cond(state):
-        k, _, res, ok = state
-        return (k < max_iter) & (res > threshold) & ok
+        _, res, ok = state
+        return (res > threshold) & ok
 
-    def body(state):
-        k, w, res, _ = state
+    def step(state):
+        w, res, _ = state
         r = residual(w)
         d = -jnp.linalg.solve(jax.jacfwd(residual)(w), r)
         y, dy = w[:ny], d[:ny]
@@ -244,21 +244,13 @@ def _dense_inner(problem, inner, xf, w0, p):
             # if g does not rise above rounding.
             rounding = 100 * jnp.finfo(dtype).eps * (1 + jnp.abs(value))
             smaller = (res_t <= (1 - 1e-4 * t) * res) & (value_t <= value + rounding)
-            return (armijo | smaller) & jnp.isfinite(res_t), w_t, res_t
+            return (armijo | smaller) & jnp.isfinite(res_t), (w_t, res_t)
 
-        def ls_cond(ls):
-            return ~ls[1] & (ls[0] > 1e-10)
-
-        def ls_body(ls):
-            t = ls[0] / 2
-            return (t, *trial(t))
-
-        t, ok, w_t, res_t = vma.while_loop(ls_cond, ls_body, (jnp.asarray(2.0, dtype),
-                                                                  jnp.asarray(False), w, res))
-        return k + 1, jnp.where(ok, w_t, w), jnp.where(ok, res_t, res), ok
+        _, ok, (w_t, res_t) = loops.backtracking(trial, jnp.ones((), dtype), min_step=1e-10)
+        return jnp.where(ok, w_t, w), jnp.where(ok, res_t, res), ok
 
     res0 = jnp.linalg.norm(residual(w0))
-    k, w, res, _ = vma.while_loop(cond, body, (jnp.asarray(0), w0, res0, jnp.asarray(True)))
+    k, (w, res, _) = loops.iterate(step, (w0, res0, jnp.asarray(True)), cond, max_iter)
     # One full Newton step more (kept if it reduces the residual): Newton converges
     # quadratically, so this takes w from the tolerance to about machine precision, which
     # the upper level's reduced gradient (computed at w) needs.
@@ -409,7 +401,7 @@ def _saddle_adjoint(method, ridge, report=False):
 
 
 def _schur_backward(problem, method, ridge, report=False):
-    """The four-solve Schur push-back (ALGORITHMS.md §1.8)."""
+    """The four-solve Schur push-back."""
     nx, nw = problem.nx, problem.nw
 
     def U_fn(xf, w, p):

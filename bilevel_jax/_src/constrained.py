@@ -13,22 +13,22 @@ residual is
 
     r(y, nu, lam) = [ grad g + A^T nu + G^T (m lam) ;  A y - b ;  m (G y - h) - (1 - m) lam ]
 
-whose Jacobian is the symmetric quasi-definite masked KKT matrix of §1.3. Its transposed
-solve reduces to the equality-constrained one with the active rows appended to ``A``, which
-handles dependent active rows (LICQ failure) with the minimum-norm multiplier.
+whose Jacobian is the symmetric quasi-definite masked KKT matrix. The forward solve
+(:func:`sqp`) and the default adjoint solve (:func:`qp_adjoint`) run on the QP engine of
+``qp.py`` (one interior point, one polish, one factorisation of the KKT system).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from bilevel_jax._src import kkt, vma
-from bilevel_jax._src import linear_solve as ls
-from bilevel_jax._src.types import Array
+from bilevel_jax._src import kkt, qp, vma
+from bilevel_jax._src.types import Array, Status
 
 
 class Inequalities(NamedTuple):
@@ -73,106 +73,146 @@ def masked_residual(grad, y, nu, lam, A, b, ineq: Inequalities):
 
 
 # --------------------------------------------------------------------------------------------
-# Primal-dual interior point for smooth convex g (dense Newton systems).
+# The forward solve: sequential quadratic programming over the QP engine of ``qp.py``.
 
 
-def interior_point(fun: Callable, y0, tangent: Callable, ineq: Inequalities, tol, max_iter):
-    """Mehrotra predictor-corrector interior point for ``min fun(y) s.t. G y <= h``.
+class SQPResult(NamedTuple):
+    """What :func:`sqp` returns.
 
-    ``y0`` must satisfy the equality constraints, and ``tangent`` is the orthogonal projector
-    ``P`` onto their null space (identity without them): every step stays on the affine set.
-    Each iteration solves the augmented Newton system
-    ``[H_P, G_P'; G_P, -diag(s / lam)] [dy; dlam] = [-r_d; -r_i + r_c / lam]``
-    (``H_P = P H P + I - P``, ``G_P = G P``) for the predictor and the corrector through its
-    Schur complement on the constraints, ``G_P H_P^-1 G_P' + diag(s / lam)``, which stays
-    well conditioned as ``lam / s`` spreads over many orders of magnitude (the reduced
-    ``H_P + G_P' diag(lam / s) G_P`` does not); then it backtracks on the KKT residual norm
-    only when the full fraction-to-boundary step (0.99) is non-finite or multiplies it by
-    more than 1e3 (a non-monotone safeguard for non-quadratic ``g``).
+    Attributes:
+      y, nu, lam: the last iterate and its multipliers (those of the last QP subproblem).
+      num_steps: the number of QP subproblems solved.
+      residual: the relative KKT residual of ``(y, nu, lam)`` (as ``solve_qp`` measures it).
+      verdict: ``SUCCESS`` or the status that stopped the iteration (``INFEASIBLE``,
+        ``NONCONVEX``, ``NONFINITE``, ``MAX_STEPS`` when a subproblem did not converge).
+      factors: the last subproblem's factorisation ``(pre, scaling)``, reused backward.
+    """
+
+    y: Array
+    nu: Array
+    lam: Array
+    num_steps: Array
+    residual: Array
+    verdict: Array
+    factors: Any
+
+
+def sqp(fun: Callable, y0, A, b, G, h, tol, max_iter) -> SQPResult:
+    """Sequential quadratic programming for ``min fun(y) s.t. A y = b, G y <= h``.
+
+    Iteration ``k`` solves, with the QP engine of :func:`bilevel_jax.solve_qp` (homogeneous
+    interior point on equilibrated data, then the active-set polish), the quadratic model
+
+    ``min_y 1/2 y' H_k y + (grad_k - H_k y_k)' y  s.t.  A y = b,  G y <= h``
+
+    (``H_k``, ``grad_k`` the Hessian and gradient of ``fun`` at ``y_k``), whose multipliers
+    are the new ``(nu, lam)``. The step ``d = y_QP - y_k`` is taken in full when the KKT
+    residual of ``fun`` at ``y_QP`` is below ``tol`` (always, for a quadratic ``fun``: one
+    subproblem solves it) or when it passes the Armijo test on the exact penalty
+    ``fun(y) + rho (|A y - b|_1 + |max(G y - h, 0)|_1)`` with ``rho = 1 + 2 max|(nu, lam)|``
+    (``d`` is a descent direction of it for convex ``fun``); otherwise the step is halved.
+    The feasible set is that of every subproblem, so an infeasibility certificate of a
+    subproblem proves the problem infeasible. ``h_i = +inf`` rows are no constraint.
+
+    Cost per iteration: one dense Hessian (``n`` Hessian-vector products) and one QP solve
+    (one ``n x n`` Cholesky plus one of size ``p + k`` per interior-point step).
 
     Returns:
-      ``(y, lam, num_steps, residual, converged)``.
+      An :class:`SQPResult`.
     """
-    n, dtype = y0.shape[0], y0.dtype
-    fin = ineq.finite.astype(dtype)
-    k_active = jnp.maximum(jnp.sum(fin), 1)
-    eye = jnp.eye(n, dtype=dtype)
-    P = jax.vmap(tangent)(eye).T  # dense projector (identity without equalities)
-    G_P = ineq.G @ P  # masked rows are zero
+    dtype = y0.dtype
+    p, k = A.shape[0], G.shape[0]
+    valid = h != jnp.inf
+    zero_nu, zero_lam = jnp.zeros((p,), dtype), jnp.zeros((k,), dtype)
 
-    def residuals(y, lam, s):
-        r_d = tangent(jax.grad(fun)(y) + ineq.G.T @ lam)
-        r_i = fin * (ineq.G @ y + s - ineq.h)
-        return r_d, r_i
+    def data(y, H):
+        return H, jax.grad(fun)(y) - H @ y, A, b, G, h
 
-    def merit(y, lam, s):
-        # Residual norm plus the duality measure (not its square, nor the products lam_i s_i,
-        # which Mehrotra's direction steers to sigma mu, not to 0).
-        r_d, r_i = residuals(y, lam, s)
-        return jnp.sqrt(r_d @ r_d + r_i @ r_i) + jnp.sum(fin * lam * s)
+    def subproblem(y):
+        H = jax.hessian(fun)(y)
+        z, fw = qp.solve_forward(data(y, H), (y, zero_nu, zero_lam), False, True, 0.0, tol,
+                                 qp.default_options(dtype)["max_iter"])
+        return H, z, fw
 
-    def max_step(v, dv):
-        ratios = jnp.where(dv < 0, -v / jnp.where(dv < 0, dv, -1), jnp.inf)
-        return jnp.minimum(1.0, jnp.min(ratios, initial=jnp.inf))
-
-    grad0 = tangent(jax.grad(fun)(y0))
-    scale = 1 + jnp.linalg.norm(grad0)
-    threshold = tol * scale
+    def violation(y):
+        viol = jnp.where(valid, jnp.maximum(G @ y - h, 0), 0)
+        return jnp.sum(jnp.abs(A @ y - b)) + jnp.sum(viol)
 
     def body(state):
-        k, y, lam, s, _ = state
-        r_d, r_i = residuals(y, lam, s)
-        mu = jnp.sum(fin * lam * s) / k_active
-        H = jax.hessian(fun)(y)
-        chol = ls.factorize(P @ H @ P + (eye - P), structure="spd")
-        U, W = ls.inverse_products(chol.factors[0], G_P)
-        e = jnp.where(fin > 0, s / jnp.where(fin > 0, lam, 1), 1)
-        chol_s = ls.factorize(W + jnp.diag(e), structure="spd")
+        it, y = state[0], state[1]
+        H, (y_qp, nu, lam), fw = subproblem(y)
+        status = fw.info.status
+        ok = (status == Status.SUCCESS) | (status == Status.RANK_DEFICIENT)
+        d = jnp.where(ok, y_qp - y, 0)
+        res_full = qp.point_residual(data(y_qp, H), (y_qp, nu, lam))
+        rho = 1 + 2 * jnp.max(jnp.abs(jnp.concatenate([nu, lam])), initial=0.0)
+        v0 = violation(y)
+        phi0 = fun(y) + rho * v0
+        slope = jnp.dot(jax.grad(fun)(y), d) - rho * v0
 
-        def direction(r_c):
-            # [H_P, G_P'; G_P, -diag(s/lam)] [dy; dlam] = [-r_d; -r_i + r_c/lam] (ds eliminated),
-            # through the Schur complement S = W + diag(s/lam): no product of lam/s with a
-            # residual is ever formed, so nothing large cancels.
-            r2 = fin * (-r_i + r_c / jnp.where(fin > 0, lam, 1))
-            t = ls.solve_factorized(chol, -r_d)
-            dlam = fin * ls.solve_factorized(chol_s, G_P @ t - r2)
-            dy = t - U @ dlam
-            ds = -r_i - fin * (ineq.G @ dy)
-            return dy, dlam, ds
+        def armijo(t):
+            y_t = y + t * d
+            return fun(y_t) + rho * violation(y_t) <= phi0 + 1e-4 * t * slope
 
-        # Predictor (affine scaling), then Mehrotra's centring and second-order correction.
-        dy_a, dlam_a, ds_a = direction(fin * lam * s)
-        alpha_a = jnp.minimum(max_step(s, ds_a), max_step(lam, dlam_a))
-        mu_a = jnp.sum(fin * (lam + alpha_a * dlam_a) * (s + alpha_a * ds_a)) / k_active
-        sigma = jnp.clip((mu_a / jnp.maximum(mu, jnp.finfo(dtype).tiny)) ** 3, 0.0, 1.0)
-        dy, dlam, ds = direction(fin * (lam * s + ds_a * dlam_a - sigma * mu))
+        full = (res_full <= tol) | armijo(jnp.ones((), dtype))
+        t = vma.while_loop(lambda t: ~full & ~armijo(t) & (t > 1e-10), lambda t: 0.5 * t,
+                           jnp.where(full, 1, 0.5).astype(dtype))
+        y_new = y + t * d
+        res = jnp.where(full, res_full, qp.point_residual(data(y_new, H), (y_new, nu, lam)))
+        verdict = jnp.where(ok, Status.SUCCESS, jnp.asarray(_VERDICT_OF_QP)[jnp.clip(status, 0, 8)])
+        return it + 1, y_new, nu, lam, res, verdict, fw.pre, fw.scaling
 
-        alpha_max = 0.99 * jnp.minimum(max_step(s, ds), max_step(lam, dlam))
-        alphas = alpha_max * 0.5 ** jnp.arange(30, dtype=dtype)
-        current = merit(y, lam, s)
-        trial = jax.vmap(lambda a: merit(y + a * dy, lam + a * dlam, s + a * ds))(alphas)
-        # Mehrotra's full step (to 0.99 of the boundary) unless it is non-finite or multiplies
-        # the merit by more than 1e3 (non-monotone: a monotone Armijo test on this merit stalls
-        # Mehrotra's method far from the central path); otherwise Armijo backtracking.
-        full = jnp.isfinite(trial[0]) & (trial[0] <= 1e3 * current)
-        ok = trial <= (1 - 1e-4 * alphas) * current
-        backtracked = jnp.where(jnp.any(ok), alphas[jnp.argmax(ok)], alphas[-1])
-        alpha = jnp.where(full, alpha_max, backtracked)
-        y, lam, s = y + alpha * dy, lam + alpha * dlam, s + alpha * ds
-        return k + 1, y, fin * lam, jnp.where(fin > 0, s, 1), converged(y, lam, s)
+    def cond(state):
+        it, res, verdict = state[0], state[4], state[5]
+        return (it < max_iter) & (res > tol) & (verdict == Status.SUCCESS)
 
-    def converged(y, lam, s):
-        r_d, r_i = residuals(y, lam, s)
-        mu = jnp.sum(fin * lam * s) / k_active
-        res = jnp.sqrt(r_d @ r_d + r_i @ r_i)
-        return (res <= threshold) & (mu <= threshold)
+    shapes = jax.eval_shape(lambda y: subproblem(y)[2], y0)
+    factors = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (shapes.pre, shapes.scaling))
+    state = (jnp.asarray(0, jnp.int32), y0, zero_nu, zero_lam, jnp.asarray(jnp.inf, dtype),
+             jnp.asarray(Status.SUCCESS, jnp.int32), *factors)
+    it, y, nu, lam, res, verdict, pre, scaling = vma.while_loop(cond, body, state)
+    return SQPResult(y, nu, lam, it, res, verdict, (pre, scaling))
 
-    s0 = jnp.where(fin > 0, jnp.maximum(ineq.slack(y0), 1.0), 1.0)
-    lam0 = fin
-    state = (jnp.asarray(0), y0, lam0, s0, converged(y0, lam0, s0))
-    k, y, lam, s, conv = vma.while_loop(
-        lambda st: (st[0] < max_iter) & ~st[4], body, state
-    )
-    r_d, r_i = residuals(y, lam, s)
-    mu = jnp.sum(fin * lam * s) / k_active
-    return y, lam, k, jnp.sqrt(r_d @ r_d + r_i @ r_i + mu**2), conv
+
+# The verdict when a QP subproblem ends with the status at that index: an unbounded quadratic
+# model does not prove ``fun`` unbounded, so it reads as a failure to converge (MAX_STEPS).
+_VERDICT_OF_QP = np.asarray([Status.SUCCESS, Status.MAX_STEPS, Status.INFEASIBLE,
+                             Status.MAX_STEPS, Status.NONFINITE, Status.SUCCESS,
+                             Status.MAX_STEPS, Status.NONCONVEX, Status.SINGULAR], np.int32)
+
+
+def qp_adjoint(vjp_z, zbar, z, ineq: Inequalities, factors, steps=3):
+    """Solve the masked KKT system ``K u = zbar`` of the implicit rule with the forward's factors.
+
+    ``K`` (the Jacobian of :func:`masked_residual`, symmetric) is applied exactly through
+    ``vjp_z``; the factorisation of the last SQP subproblem (the Hessian at the iterate before
+    the last step) preconditions ``steps`` refinement steps. For a quadratic ``g`` the two
+    matrices are equal and the refinement only removes rounding; otherwise the factor is
+    within the last step's length of the exact one and the refinement converges fast. The
+    result is NaN when the backward error is not below ``sqrt(eps)`` (a singular system).
+    """
+    pre, scaling = factors
+    y, nu, lam = z
+    p, dtype = nu.shape[0], y.dtype
+    m, e = qp.active_system(p, ineq.active(y, lam), 0.0, dtype)
+    solve = qp.original_solver(pre, scaling, m, e)
+    ybar, nubar, lambar = zbar
+    r = (ybar, jnp.concatenate([nubar, lambar]))
+
+    def apply(x):
+        w, mu = x
+        a = vjp_z((w, mu[:p], mu[p:]))
+        return a[0], jnp.concatenate([a[1], a[2]])
+
+    def refine(_, x):
+        a = apply(x)
+        dx, _ = solve((r[0] - a[0], r[1] - a[1]))
+        return x[0] + dx[0], x[1] + dx[1]
+
+    x = vma.fori_loop(0, steps, refine, solve(r)[0])
+    a = apply(x)
+    res, r_, a_ = (jnp.max(jnp.abs(jnp.concatenate(v))) for v in
+                   ((a[0] - r[0], a[1] - r[1]), r, a))
+    ok = res <= jnp.sqrt(jnp.finfo(dtype).eps) * (r_ + a_)
+    w, mu = (jnp.where(ok, v, jnp.nan) for v in x)
+    return w, mu[:p], mu[p:]

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from bilevel_jax._src.argmin import argmin
+from bilevel_jax._src.types import Status
 
 
 def make_problem(key, n_train=60, n_val=200, n_features=20, n_signal=4, noise=0.5):
@@ -52,14 +53,14 @@ def main(num_steps: int = 150) -> None:
     opt_state = optimizer.init(theta)
 
     print("bilevel_jax demo: learning 20 per-feature ridge penalties (4 informative features)")
-    print(f"{'step':>5} {'val loss':>10} {'|hypergrad|':>12} {'inner steps':>12} {'status':>8}")
+    print(f"{'step':>5} {'val loss':>10} {'|hypergrad|':>12} {'inner steps':>12} {'status':>10}")
     start = time.perf_counter()
     for step in range(num_steps + 1):
         (loss, sol), grad = value_and_grad(theta)
         if step % 25 == 0:
             print(
                 f"{step:5d} {float(loss):10.5f} {float(jnp.linalg.norm(grad)):12.3e} "
-                f"{int(sol.info.num_steps):12d} {int(sol.info.status):8d}"
+                f"{int(sol.info.num_steps):12d} {Status(int(sol.info.status)):>10}"
             )
         updates, opt_state = optimizer.update(grad, opt_state)
         theta = optax.apply_updates(theta, updates)

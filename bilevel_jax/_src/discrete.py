@@ -3,7 +3,7 @@
 A combinatorial solver ``solver(costs) -> y`` minimising a linear cost over a finite set,
 ``y(c) = argmin_{y in Y} <c, y>``, is piecewise constant in ``c``: its true derivative is zero
 almost everywhere. The estimators below turn it into a layer with useful gradients
-(ALGORITHMS.md §1.9). Each is a function transformer built on the library's one custom-VJP
+(docs page ``lower/discrete.md``). Each is a function transformer built on the one custom-VJP
 helper (:func:`~bilevel_jax._src.implicit.custom_solution`):
 
 * :func:`identity` (straight-through): ``dy/dc ~ -I`` (minimisation), so ``cbar = -ybar``.
@@ -503,7 +503,7 @@ def interdiction(num_items: int, *, big: float = 100.0) -> DiscreteBilevel:
     unattractive to the follower, and the leader maximises the follower's cost net of its own
     blocking cost: ``min_x <c_x, x> - <c_y, y*(x)>``, ``y*(x) = argmin_y <c_y + M x, y>``.
     With ``c_x = 0`` and item costs ``c_y = w`` (range below ``big``) the leader blocks the
-    cheapest item and the follower takes the second cheapest (ALGORITHMS.md §5 T9).
+    cheapest item and the follower takes the second cheapest.
 
     Args:
       num_items: ``n >= 2``.

@@ -51,7 +51,7 @@ def _per_unit_row(slack, lam, valid, bound, row_norm):
 
 
 def active_mask(slack, lam, valid, tol, bound, row_norm):
-    """The active rows (a boolean mask, no gradient): tight and with a clearly positive multiplier.
+    """The active rows (a boolean mask, no gradient): tight, with a multiplier above the slack.
 
     Every quantity is taken per unit row norm (``slack_i / |G_i|``, ``lam_i |G_i|``), so that
     scaling a row of ``G y <= h`` by any positive factor does not change the rule.
@@ -66,8 +66,16 @@ def active_mask(slack, lam, valid, tol, bound, row_norm):
     """
     slack, lam, bound, row_norm = (lax.stop_gradient(a) for a in (slack, lam, bound, row_norm))
     slack, lam, scale = _per_unit_row(slack, lam, valid, bound, row_norm)
-    root = jnp.sqrt(jnp.asarray(tol, slack.dtype))
-    return valid & (slack <= root * (1 + scale)) & (lam > root * (1 + _max_abs(lam)))
+    tol = jnp.asarray(tol, slack.dtype)
+    tight = slack <= jnp.sqrt(tol) * (1 + scale)
+    # Relative to their scales, the multiplier must exceed the slack (at an interior-point
+    # iterate of a strictly complementary pair one is O(1) and the other O(mu)) and rounding.
+    # A threshold sqrt(tol) (1 + max |lam|) alone misclassified strongly active rows when the
+    # multipliers span many orders of magnitude (Maros-Meszaros QBEACONF: max lam 3.6e6, so
+    # rows with lam ~ 30 and zero slack were dropped and the hypergradient was off by 1e4).
+    lam_scale = 1 + _max_abs(lam)
+    positive = (lam / lam_scale > slack / (1 + scale)) & (lam > tol * lam_scale)
+    return valid & tight & positive
 
 
 def polish_verdict(slack, lam, mask, valid, tol, bound, row_norm):

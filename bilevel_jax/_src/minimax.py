@@ -21,24 +21,27 @@ Hypergradient rules:
 
 * ``"implicit"``: the implicit function theorem on the residual. Without sets the residual
   is written ``[grad_u f; grad_v f]``, whose Jacobian is the symmetric indefinite saddle
-  matrix ``K = [[f_uu, f_uv], [f_vu, f_vv]]`` (ALGORITHMS.md §1.7): solve ``K w = zbar`` (dense
+  matrix ``K = [[f_uu, f_uv], [f_vu, f_vv]]`` (docs: minimax page): solve ``K w = zbar`` (dense
   LU, reusing Newton's factorisation, or MINRES) and return ``-d/dtheta <w, grad f>``. With
   sets the natural map is differentiated (autodiff of the projection gives the mask / the
   tangent projector of the active face): ``(I - D (I - J))^T w = zbar`` with ``D`` the
   projection's Jacobian and ``J = dF/dz`` (dense LU or GMRES).
-* ``"unrolled"``: reverse-mode through exactly ``max_iter`` solver steps (``lax.scan``).
+* ``"unrolled"``: reverse-mode through the forward solver's own steps (a ``lax.scan`` of
+  ``max_iter`` steps, masked after convergence), step sizes held constant.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import linear_solve as ls
-from bilevel_jax._src import vma
+from bilevel_jax._src import loops, vma
 from bilevel_jax._src.implicit import SolveAux, implicit_solution
 from bilevel_jax._src.projections import (
     cast_sets,
@@ -171,27 +174,6 @@ def _norm(x):
 # step, and returns (z, num_steps, residual, diverged, extra).
 
 
-def _operator_norm(op, z, n_u, num_iter=20):
-    """``||dF/dz||_2`` at ``z`` by power iteration with Jacobian-vector products only.
-
-    ``F = S grad f`` with ``S = diag(I_u, -I_v)`` orthogonal, so ``||dF/dz|| = ||H||`` for the
-    symmetric Hessian ``H = S dF/dz`` of ``f``, whose power iteration needs no transposes.
-    """
-    sign = jnp.where(jnp.arange(z.shape[0]) < n_u, 1.0, -1.0).astype(z.dtype)
-    return ls.symmetric_norm(lambda w: sign * jax.jvp(op, (z,), (w,))[1], z, num_iter)
-
-
-def _initial_step(op, z0, n_u, step_size, factor):
-    """``step_size`` if given, else ``factor / ||dF/dz(z0)||`` (power iteration).
-
-    Used by the fixed-step unrolled solvers, which need an upper bound on the curvature.
-    """
-    if step_size is not None:
-        return jnp.asarray(step_size, z0.dtype)
-    lip = _operator_norm(op, z0, n_u)
-    return factor / jnp.maximum(lip, 1e-6 * jnp.ones_like(lip))
-
-
 def _secant_step(op, proj, z0, F0, step_size, factor):
     """``step_size`` if given, else ``factor / l`` with a secant curvature estimate ``l``.
 
@@ -209,86 +191,76 @@ def _secant_step(op, proj, z0, F0, step_size, factor):
     return jnp.where(ok, factor / jnp.where(ok, lip, 1.0), factor).astype(z0.dtype)
 
 
-def _extragradient(op, proj, z0, tol, max_iter, step_size):
+def _extragradient(op, proj, z0, tol, max_iter, step_size, unrolled=False):
     """Projected extragradient with a backtracking step (Khobotov's rule).
 
     ``zh = P(z - eta F(z))``, ``z+ = P(z - eta F(zh))`` with ``eta`` halved until
-    ``eta ||F(zh) - F(z)|| <= 0.9 ||zh - z||`` and increased by 20% after each step.
+    ``eta ||F(zh) - F(z)|| <= 0.9 ||zh - z||`` and increased by 20% after each step. The same
+    step runs forward and unrolled (``eta`` held constant by the unrolled derivative).
     """
     eps = jnp.finfo(z0.dtype).eps
     F0 = op(z0)
-    eta0 = _secant_step(op, proj, z0, F0, step_size, 1.0)
+    eta0 = jax.lax.stop_gradient(_secant_step(op, proj, z0, F0, step_size, 1.0))
     res0 = _norm(z0 - proj(z0 - F0))
     threshold = tol * (1 + res0)
     limit = DIVERGENCE_FACTOR * (1 + res0)
     eta_min = eta0 * 1e-12
 
-    def trial(z, Fz, eta):
-        zh = proj(z - eta * Fz)
-        Fh = op(zh)
-        slack = 10 * eps * eta * (_norm(Fz) + _norm(Fh))
-        ok = eta * _norm(Fh - Fz) <= 0.9 * _norm(zh - z) + slack
-        return zh, Fh, ok
+    def step(state):
+        z, Fz, eta, _, _ = state
 
-    def cond(state):
-        k, _, _, _, res, bad = state
-        return (k < max_iter) & (res > threshold) & ~bad
+        def trial(eta):
+            zh = proj(z - eta * Fz)
+            Fh = op(zh)
+            slack = 10 * eps * eta * (_norm(Fz) + _norm(Fh))
+            return eta * _norm(Fh - Fz) <= 0.9 * _norm(zh - z) + slack, (zh, Fh)
 
-    def body(state):
-        k, z, Fz, eta, _, _ = state
-
-        def bt_body(s):
-            zh, Fh, ok = trial(z, Fz, s[0])
-            return jnp.where(ok, s[0], s[0] / 2), zh, Fh, ok
-
-        init = (eta, z, Fz, jnp.asarray(False))
-        eta, zh, Fh, ok = vma.while_loop(lambda s: ~s[3] & (s[0] > eta_min), bt_body, init)
+        eta, ok, (_, Fh) = loops.backtracking(trial, eta, min_step=eta_min,
+                                              differentiable=unrolled)
         z_new = proj(z - eta * Fh)
         F_new = op(z_new)
-        res_new = _norm(z_new - proj(z_new - F_new))
+        res_new = jax.lax.stop_gradient(_norm(z_new - proj(z_new - F_new)))
         finite = jnp.all(jnp.isfinite(z_new)) & jnp.all(jnp.isfinite(F_new))
         bad = ~finite | ~ok | (res_new > limit)
-        keep = finite
-        z = jnp.where(keep, z_new, z)
-        Fz = jnp.where(keep, F_new, Fz)
-        res = jnp.where(keep, res_new, jnp.inf)
-        return k + 1, z, Fz, 1.2 * eta, res, bad
+        z = jnp.where(finite, z_new, z)
+        Fz = jnp.where(finite, F_new, Fz)
+        res = jnp.where(finite, res_new, jnp.inf)
+        return z, Fz, 1.2 * eta, res, bad
 
-    state = (jnp.asarray(0), z0, F0, eta0, res0, ~jnp.isfinite(res0))
-    k, z, _, eta, res, bad = vma.while_loop(cond, body, state)
+    def cond(state):
+        return (state[3] > threshold) & ~state[4]
+
+    state = (z0, F0, eta0, jax.lax.stop_gradient(res0), ~jnp.isfinite(res0))
+    k, (z, _, eta, res, bad) = loops.iterate(step, state, cond, max_iter, unrolled)
     return z, k, res, bad & (res > threshold), eta
 
 
-def _ogda(op, proj, z0, tol, max_iter, step_size):
+def _ogda(op, proj, z0, tol, max_iter, step_size, unrolled=False):
     """Optimistic GDA as forward-reflected-backward splitting, adaptive step.
 
     ``z+ = P(z - eta_k F(z) - eta_{k-1} (F(z) - F(z_prev)))`` with
     ``eta_k = min(1.05 eta_{k-1}, 0.45 / l_k)``, ``l_k = ||F(z) - F(z_prev)|| / ||z - z_prev||``
-    the local Lipschitz estimate (Malitsky and Tam: ``eta < 1 / (2L)``).
+    the local Lipschitz estimate (Malitsky and Tam: ``eta < 1 / (2L)``). The same step runs
+    forward and unrolled (the steps ``eta_k`` held constant by the unrolled derivative).
     """
     F0 = op(z0)
-    eta0 = _secant_step(op, proj, z0, F0, step_size, 0.45)
+    eta0 = jax.lax.stop_gradient(_secant_step(op, proj, z0, F0, step_size, 0.45))
     res0 = _norm(z0 - proj(z0 - F0))
     threshold = tol * (1 + res0)
     limit = DIVERGENCE_FACTOR * (1 + res0)
     tiny = jnp.finfo(z0.dtype).tiny
 
-    def cond(state):
-        k, _, _, _, _, _, res, bad = state
-        return (k < max_iter) & (res > threshold) & ~bad
-
-    def body(state):
-        k, z, Fz, z_prev, F_prev, eta_prev, _, _ = state
-        dz, dF = _norm(z - z_prev), _norm(Fz - F_prev)
+    def step(state):
+        z, Fz, z_prev, F_prev, eta_prev, _, _ = state
+        dz, dF = jax.lax.stop_gradient((_norm(z - z_prev), _norm(Fz - F_prev)))
         local = jnp.where(dF > tiny, 0.45 * dz / jnp.maximum(dF, tiny), jnp.inf)
         eta = jnp.minimum(1.05 * eta_prev, local)
         z_new = proj(z - eta * Fz - eta_prev * (Fz - F_prev))
         F_new = op(z_new)
-        res_new = _norm(z_new - proj(z_new - F_new))
+        res_new = jax.lax.stop_gradient(_norm(z_new - proj(z_new - F_new)))
         finite = jnp.all(jnp.isfinite(z_new)) & jnp.all(jnp.isfinite(F_new))
         bad = ~finite | (res_new > limit)
         return (
-            k + 1,
             jnp.where(finite, z_new, z),
             jnp.where(finite, F_new, Fz),
             z,
@@ -298,17 +270,21 @@ def _ogda(op, proj, z0, tol, max_iter, step_size):
             bad,
         )
 
-    state = (jnp.asarray(0), z0, F0, z0, F0, eta0, res0, ~jnp.isfinite(res0))
-    k, z, _, _, _, eta, res, bad = vma.while_loop(cond, body, state)
+    def cond(state):
+        return (state[5] > threshold) & ~state[6]
+
+    state = (z0, F0, z0, F0, eta0, jax.lax.stop_gradient(res0), ~jnp.isfinite(res0))
+    k, (z, _, _, _, eta, res, bad) = loops.iterate(step, state, cond, max_iter, unrolled)
     return z, k, res, bad & (res > threshold), eta
 
 
-def _newton(grad, z0, tol, max_iter):
+def _newton(grad, z0, tol, max_iter, unrolled=False):
     """Newton on ``grad f = 0`` (no sets) with a backtracking line search on ``||grad f||``.
 
     The Newton direction ``d = -K^{-1} grad f`` is a descent direction of ``||grad f||^2``
     whenever ``K`` is nonsingular (``<K grad f, d> = -||grad f||^2``). Returns the Hessian
-    and its LU factorisation at the final point as well.
+    and its LU factorisation at the final point as well. The same step runs forward and
+    unrolled.
     """
 
     def model(z):
@@ -320,70 +296,44 @@ def _newton(grad, z0, tol, max_iter):
     threshold = tol * (1 + res0)
     limit = DIVERGENCE_FACTOR * (1 + res0)
 
-    def cond(state):
-        k, _, g, _, _, ok = state
-        return (k < max_iter) & (_norm(g) > threshold) & ok
-
-    def body(state):
-        k, z, g, _, fact, _ = state
+    def step(state):
+        z, g, _, fact, _ = state
         d = -ls.solve_factorized(fact, g)
         gnorm = _norm(g)
 
-        def accept(t):
-            return _norm(grad(z + t * d)) <= (1 - 1e-4 * t) * gnorm
+        def trial(t):
+            return _norm(grad(z + t * d)) <= (1 - 1e-4 * t) * gnorm, None
 
-        t = vma.while_loop(
-            lambda t: ~accept(t) & (t > 1e-10), lambda t: t / 2, jnp.ones_like(gnorm)
-        )
+        t, ok, _ = loops.backtracking(trial, jnp.ones_like(gnorm), min_step=1e-10)
         ok = (t > 1e-10) & jnp.all(jnp.isfinite(d))
         z_new = jnp.where(ok, z + t * d, z)
         g_new, hess_new, fact_new = model(z_new)
-        return k + 1, z_new, g_new, hess_new, fact_new, ok
+        return z_new, g_new, hess_new, fact_new, ok
 
-    state = (jnp.asarray(0), z0, g0, hess0, fact0, jnp.isfinite(res0))
-    k, z, g, hess, fact, _ = vma.while_loop(cond, body, state)
+    def cond(state):
+        return (_norm(state[1]) > threshold) & state[4]
+
+    state = (z0, g0, hess0, fact0, jnp.isfinite(res0))
+    k, (z, g, hess, fact, _) = loops.iterate(step, state, cond, max_iter, unrolled)
     res = _norm(g)
     return z, k, res, res > limit, hess, fact
 
 
 # --------------------------------------------------------------------------------------------
-# Unrolled solvers: exactly max_iter differentiable steps.
+# Unrolled solvers: exactly max_iter steps of the forward solver's own step.
 
 
-def _unrolled(problem, z0, p, solver, max_iter, step_size):
-    op = lambda z: problem.operator(z, p)  # noqa: E731
-    proj = lambda z: problem.project(z, p)  # noqa: E731
+def _unrolled(problem, z0, p, solver, tol, max_iter, step_size):
+    """``solver``'s own step in a ``lax.scan`` (see ``loops.iterate``); ``(z, k, eta)``."""
     if solver == "newton":
         grad = lambda z: problem.gradient(z, p)  # noqa: E731
-        ts = 0.5 ** jnp.arange(30, dtype=z0.dtype)
-
-        def step(z, _):
-            g = grad(z)
-            d = -jnp.linalg.solve(jax.jacfwd(grad)(z), g)
-            ok = jax.vmap(lambda t: _norm(grad(z + t * d)) <= (1 - 1e-4 * t) * _norm(g))(ts)
-            t = jnp.where(jnp.any(ok), ts[jnp.argmax(ok)], 0.0)
-            return z + t * d, None
-
-        z, _ = vma.scan(step, z0, None, length=max_iter)
-        return z, None
-    factor = 0.5 if solver == "extragradient" else 0.4
-    eta = jax.lax.stop_gradient(_initial_step(op, z0, problem.n_u, step_size, factor))
-    if solver == "extragradient":
-
-        def step(z, _):
-            zh = proj(z - eta * op(z))
-            return proj(z - eta * op(zh)), None
-
-        z, _ = vma.scan(step, z0, None, length=max_iter)
-        return z, eta
-
-    def step_ogda(carry, _):
-        z, F_prev = carry
-        Fz = op(z)
-        return (proj(z - eta * (2 * Fz - F_prev)), Fz), None
-
-    (z, _), _ = vma.scan(step_ogda, (z0, op(z0)), None, length=max_iter)
-    return z, eta
+        z, k, *_ = _newton(grad, z0, tol, max_iter, unrolled=True)
+        return z, k, None
+    op = lambda z: problem.operator(z, p)  # noqa: E731
+    proj = lambda z: problem.project(z, p)  # noqa: E731
+    run = _extragradient if solver == "extragradient" else _ogda
+    z, k, _, _, eta = run(op, proj, z0, tol, max_iter, step_size, unrolled=True)
+    return z, k, eta
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,16 +342,8 @@ def _unrolled(problem, z0, p, solver, max_iter, step_size):
 
 def _hessian_norm(obj, x, num_iter=10):
     """Largest ``|eigenvalue|`` of the Hessian of ``obj`` at ``x`` (power iteration)."""
-    tiny = jnp.finfo(x.dtype).tiny
     hvp = lambda w: jax.jvp(jax.grad(obj), (x,), (w,))[1]  # noqa: E731
-    w = jnp.ones_like(x) + jnp.arange(x.shape[0], dtype=x.dtype) / x.shape[0]
-    w = w / _norm(w)
-
-    def body(_, w):
-        w = hvp(w)
-        return w / jnp.maximum(_norm(w), tiny)
-
-    return _norm(hvp(vma.fori_loop(0, num_iter, body, w)))
+    return _norm(hvp(loops.power_iteration(hvp, loops.power_start(x), num_iter)))
 
 
 def _gap(problem, z, p, num_steps, lips=None):
@@ -521,7 +463,7 @@ def saddle_point(
     reverse mode with respect to ``theta``, to every array that ``f`` closes over, and to the
     data of the sets (e.g. a box bound).
 
-    Implicit rule (ALGORITHMS.md §1.7). Without sets the residual is ``grad f(z) = 0`` and
+    Implicit rule (docs ``lower/minimax.md``). Without sets the residual is ``grad f(z) = 0`` and
     ``K = [[f_uu, f_uv], [f_vu, f_vv]]`` is symmetric indefinite (``f_uu > 0``, ``f_vv < 0``
     make it nonsingular); the adjoint ``K w = (ubar, vbar)`` gives
     ``thetabar = -d/dtheta <w, grad f(z*, theta)>``. With sets the natural residual is
@@ -560,7 +502,8 @@ def saddle_point(
     the ``n x n`` system when ``n <= 1000`` (``linear_solver="auto"``), else runs MINRES
     (no sets) or GMRES. The duality gap costs ``2 * gap_steps`` projected-gradient steps.
     Under ``jax.vmap`` a ``while_loop`` runs until the slowest member of the batch has
-    converged; ``hypergrad="unrolled"`` runs exactly ``max_iter`` steps.
+    converged; ``hypergrad="unrolled"`` runs the same steps in a ``lax.scan`` of
+    ``max_iter`` steps, those after convergence masked (each paid, none changing ``z``).
 
     Args:
       f: ``f(u, v, theta) -> scalar``. May close over arrays: they receive gradients too
@@ -588,9 +531,8 @@ def saddle_point(
         steps; unrolled: 20 Newton, 500 extragradient or 1000 OGDA steps).
       step_size: initial step of extragradient and OGDA (default ``1/l`` and ``0.45/l`` with
         ``l`` a secant estimate of the Lipschitz constant of ``F`` at ``z0``); the steps then
-        adapt (backtracking, resp. local Lipschitz estimates). Unrolled solvers use it as a
-        fixed step (default ``0.5/L`` extragradient, ``0.4/L`` OGDA, ``L = ||dF/dz(z0)||`` by
-        power iteration).
+        adapt (backtracking, resp. local Lipschitz estimates), in the unrolled rule too
+        (which holds the chosen steps constant when it differentiates).
       ridge: ``ridge >= 0`` added to the backward system: the hypergradient is then that of
         ``f + ridge/2 ||u||^2 - ridge/2 ||v||^2`` linearised at the solution.
       gap_steps: inner steps per player of the duality-gap estimate in ``info.gap``.
@@ -612,7 +554,7 @@ def saddle_point(
     Examples:
       >>> import jax, jax.numpy as jnp
       >>> import bilevel_jax as bj
-      >>> def g(y1, y2, x):  # ALGORITHMS.md T3: y1* = -x/6, y2* = -2x/3
+      >>> def g(y1, y2, x):  # y1* = -x/6, y2* = -2x/3
       ...     return y1**2 + y1 * y2 - 0.5 * y2**2 + x * y1 - 0.5 * x * y2
       >>> sol = bj.saddle_point(g, 0.0, 0.0, 1.0)
       >>> dy1 = jax.grad(lambda x: bj.saddle_point(g, 0.0, 0.0, x).u)(1.0)  # -1/6
@@ -661,8 +603,41 @@ def saddle_point(
         else:
             max_iter = {"newton": 50, "extragradient": 10000, "ogda": 20000}[solver]
 
+    # Compiled once per (function, options, shapes, dtypes): eager calls reuse it (the
+    # converted function is cached by jax.closure_convert per function and argument types).
     f_conv, f_consts = vma.closure_convert(f, u0, v0, theta)
-    params = (theta, tuple(f_consts), cast_sets(u_set, dtype), cast_sets(v_set, dtype))
+    options = _Options(solver, hypergrad, linear_solver, float(tol), int(max_iter),
+                       None if step_size is None else float(step_size), float(ridge),
+                       int(gap_steps), bool(throw))
+    u, v, info = _solve(f_conv, options, u0, v0, theta, tuple(f_consts), u_set, v_set)
+    check_info(info, throw)
+    return SaddleSolution(unravel_u(u), unravel_v(v), info)
+
+
+class _Options(NamedTuple):
+    """The static options of one :func:`saddle_point` solve (the compilation-cache key)."""
+
+    solver: str
+    hypergrad: str
+    linear_solver: str
+    tol: float
+    max_iter: int
+    step_size: float | None
+    ridge: float
+    gap_steps: int
+    throw: bool
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _solve(f_conv, options: _Options, u0, v0, theta, f_consts, u_set, v_set):
+    """Build the problem and run the rule; jitted per function, options, shapes and dtypes."""
+    solver, hypergrad, linear_solver, tol, max_iter, step_size, ridge, gap_steps, throw = options
+    u_flat0, unravel_u = ravel_pytree(u0)
+    v_flat0, unravel_v = ravel_pytree(v0)
+    dtype = jnp.result_type(u_flat0, v_flat0)
+    constrained = u_set is not None or v_set is not None
+    n_u = u_flat0.shape[0]
+    params = (theta, f_consts, cast_sets(u_set, dtype), cast_sets(v_set, dtype))
     problem = _Problem(
         lambda uf, vf, p: f_conv(unravel_u(uf), unravel_v(vf), p[0], *p[1]),
         n_u,
@@ -709,15 +684,16 @@ def saddle_point(
     else:
         # The unrolled rule differentiates the steps it ran, whatever the status.
         z_start = problem.project(z0, params)
-        z, eta = _unrolled(problem, z_start, params, solver, max_iter, step_size)
+        z, k, eta = _unrolled(problem, z_start, params, solver, tol, max_iter, step_size)
         res = _norm(problem.natural_residual(z, params))
         res0 = _norm(problem.natural_residual(z_start, params))
-        stats = (max_iter, res, res0, res > DIVERGENCE_FACTOR * (1 + res0))
+        stats = (k, res, res0, res > DIVERGENCE_FACTOR * (1 + res0))
         info = _make_info(problem, z, stats, tol, (z0, params[:2]), params, gap_steps,
                           (None, eta))
-    check_info(info, throw)
     u, v = problem.split(z)
-    return SaddleSolution(unravel_u(u), unravel_v(v), info)
+    return u, v, info
+
+
 
 
 def _make_info(problem, z, stats, tol, inputs, params, gap_steps, extra):

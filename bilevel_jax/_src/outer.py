@@ -1,4 +1,4 @@
-"""Upper-level algorithms for ``min_x F(x) = f(x, y*(x))`` (ALGORITHMS.md §3.1–§3.5).
+"""Upper-level algorithms for ``min_x F(x) = f(x, y*(x))`` (docs page ``algorithms.md``).
 
 Every algorithm is a factory returning an :class:`Algorithm` ``(init, step, run, output)`` of
 pure functions, in the style of optax: ``init(x0, key) -> State``,
@@ -36,6 +36,7 @@ from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.argmin import argmin
 from bilevel_jax._src.implicit import implicit_solution
 from bilevel_jax._src.problems import BilevelProblem
+from bilevel_jax._src.progress import make_progress
 from bilevel_jax._src.projections import is_set
 from bilevel_jax._src.projections import project as project_onto
 from bilevel_jax._src.smoothing import DISTRIBUTIONS, linear_perturbation
@@ -84,7 +85,7 @@ class State(NamedTuple):
 
 
 class O2NCState(NamedTuple):
-    """O2NC's extra state (ALGORITHMS.md §3.3).
+    """O2NC's extra state.
 
     Attributes:
       delta: the current increment ``Delta_t`` (like ``x``), ``||delta|| <= radius``.
@@ -138,11 +139,15 @@ class Algorithm(NamedTuple):
     Attributes:
       init: ``init(x0, key) -> State``.
       step: ``step(state, *batch) -> (State, StepInfo)``; ``batch`` goes to ``f(x, y, *batch)``.
-      run: ``run(x0, key, num_steps, *, batches=None, callback=None) -> (x, history)``:
-        ``num_steps`` steps in a ``lax.scan`` (``history`` the stacked :class:`StepInfo`,
-        ``x = output(final state)``); ``batches`` is a tuple of arrays with leading axis
-        ``num_steps``; ``callback(step_index, info)`` runs through ``jax.debug.callback``.
-        Jit it with ``jax.jit(alg.run, static_argnames=("num_steps", "callback"))``.
+      run: ``run(x0, key, num_steps, *, batches=None, callback=None, verbose=False) -> (x,
+        history)``: ``num_steps`` steps in a ``lax.scan`` (``history`` the stacked
+        :class:`StepInfo`, ``x = output(final state)``); ``batches`` is a tuple of arrays with
+        leading axis ``num_steps``; ``callback(step_index, info)`` runs through
+        ``jax.debug.callback``. ``verbose=True`` shows progress (value, hypergradient norm,
+        status name): a tqdm bar if tqdm is installed (``pip install
+        "bilevel_jax[progress]"``), else a printed line every ``num_steps // 10`` steps;
+        ``"tqdm"`` or ``"print"`` choose. Under ``jax.vmap`` the display follows one member.
+        Jit it with ``jax.jit(alg.run, static_argnames=("num_steps", "callback", "verbose"))``.
       output: ``output(state) -> x``: the iterate, or O2NC's best block average.
     """
 
@@ -277,7 +282,7 @@ def pgd_solution(g, y0, x, *, steps, step_size, eq=None, ineq=None, box=None, q=
     onto the null space of the active rows for a polyhedron),
     ``(I - D (I - gamma H))^T u = ybar`` and ``xbar = -gamma (D J)^T u`` (plus the term of
     ``Proj_Y``'s own dependence on ``x`` for coupled constraints), which at an exact
-    solution with strict complementarity equals the active-set rule of ALGORITHMS.md §1.3.
+    solution with strict complementarity equals the active-set rule of :func:`~bilevel_jax.argmin`.
     ``Proj_Y`` is ``clip`` for a box alone, else a quadratic program solved by
     :func:`~bilevel_jax.argmin` (interior point; ``eq``/``ineq`` may depend on ``x``).
 
@@ -428,8 +433,9 @@ def _finish(lower, x_eval, value, grad, y, res, status, backtracks=0):
 
 
 def _build(init, step, output):
-    def run(x0, key, num_steps, *, batches=None, callback=None):
+    def run(x0, key, num_steps, *, batches=None, callback=None, verbose=False):
         _check_int("num_steps", num_steps, 0)
+        display = make_progress(num_steps, verbose)
         if batches is not None:
             batches = tuple(batches) if isinstance(batches, (tuple, list)) else (batches,)
             for leaf in jax.tree_util.tree_leaves(batches):
@@ -444,6 +450,8 @@ def _build(init, step, output):
             new_state, info = step(state, *(() if batch is None else batch))
             if callback is not None:
                 jax.debug.callback(callback, state.count, info)
+            if display is not None:
+                jax.debug.callback(display, state.count, info.value, info.grad_norm, info.status)
             return new_state, info
 
         state, history = jax.lax.scan(body, init(x0, key), batches, length=num_steps)
@@ -538,8 +546,8 @@ def ssigd(
     Draws ``q ~ Q`` once (in ``init``, from ``key``) and solves the perturbed lower level
     ``y_q*(x) = argmin_y g(y, x) + <q, y>`` over the linear constraints; a random ``q`` makes
     strict complementarity hold w.p. 1 at every iterate, so ``F_q(x) = f(x, y_q*(x))`` is
-    differentiable there and its gradient is the active-set implicit rule (ALGORITHMS.md §1.3,
-    §1.4)::
+    differentiable there and its gradient is the active-set implicit rule (docs:
+    ``lower/inequality.md``, sections 'Implicit' and 'SIGD smoothing')::
 
         y_hat_r ~ y_q*(x_r);   g_r = grad F_hat(x_r; xi_r);   x_{r+1} = Proj_X(x_r - eta g_r)
 
@@ -789,7 +797,7 @@ OUTPUT_RULES = ("best", "random")
 
 
 def _o2nc(oracle, y0, *, optimizer, projection, radius, block_size, output_rule="best"):
-    """The O2NC loop (ALGORITHMS.md §3.3) around ``oracle(z, y_warm, key, batch)``."""
+    """The O2NC loop around ``oracle(z, y_warm, key, batch)``."""
     proj = _make_projection(projection)
 
     def init(x0, key):
@@ -872,14 +880,14 @@ def f2cba(
     r"""F2CBA: first-order (Hessian-free) methods with the penalty hypergradient oracle.
 
     Each step solves the lower level exactly (``y*``, ``lam*``, active set ``I``) with
-    :func:`~bilevel_jax.argmin` and estimates ``grad F`` by the penalty oracle of ALGORITHMS.md
-    §1.5, error ``O(alpha)`` (``O(alpha^2)`` for quadratic lower levels)::
+    :func:`~bilevel_jax.argmin` and estimates ``grad F`` by the penalty oracle (docs
+    ``lower/inequality.md``, 'Penalty'), error ``O(alpha)`` (``O(alpha^2)`` for quadratic ``g``)::
 
         y_a = argmin_y f(x, y) + alpha^-2 [l(x, y, lam*) - l(x, y*, lam*)]
                                + alpha^-4 / 2 ||h_I(x, y)||^2             (unconstrained)
         grad~F(x) = grad_x of the same Lagrangian at y_a
 
-    ``method="o2nc"`` (the theory algorithm, §3.3)::
+    ``method="o2nc"`` (the theory algorithm)::
 
         x_t = Proj_X(x_{t-1} + Delta_t),  z_t = x_{t-1} + s_t (x_t - x_{t-1}),  s_t ~ U[0, 1]
         Delta_{t+1} = clip_D(Delta_t + u_t)   (u_t = optimizer update of grad~F(z_t); -eta g)
@@ -985,7 +993,7 @@ def zeroth_order(
     lower_kwargs: dict | None = None,
     output_rule: str = "best",
 ) -> Algorithm:
-    r"""Zeroth-order F2CBA: O2NC with a two-point spherical estimator (ALGORITHMS.md §3.4).
+    r"""Zeroth-order F2CBA: O2NC with a two-point spherical estimator.
 
     Only values of the hyperobjective are used: ``F~(x) = f(x, y_hat(x))`` with ``y_hat`` a
     high-accuracy lower solve (:func:`~bilevel_jax.argmin`, no hypergradient), and::
@@ -1082,11 +1090,11 @@ def equality_gd(
     hypergrad: str = "finite_difference",
     lower_kwargs: dict | None = None,
 ) -> Algorithm:
-    r"""Gradient descent for linearly equality-constrained lower levels (F2CBA, §3.5).
+    r"""Gradient descent for linearly equality-constrained lower levels (F2CBA).
 
     ``y*(x) = argmin {g(y, x) : A(x) y = b(x)}``; ``F`` is ``C_F``-smooth and
     ``x <- x - (1/C_F) g_hat(x)`` with the first-order (Hessian-free) finite-difference oracle
-    of ALGORITHMS.md §1.6::
+    (docs: ``lower/unconstrained.md``, section 'Finite difference')::
 
         (y_d, nu_d) solves min g + delta f  s.t. A y = b
         g_hat(x) = [grad_x l(x, y_d, nu_d) + delta grad_x f(x, y_d) - grad_x l(x, y*, nu*)] / delta
@@ -1110,7 +1118,7 @@ def equality_gd(
       optimizer: any ``optax.GradientTransformation``.
       projection: the upper-level set ``X``.
       delta: the finite-difference step.
-      hypergrad: ``"finite_difference"`` or ``"implicit"`` (the exact KKT rule, §1.2).
+      hypergrad: ``"finite_difference"`` or ``"implicit"`` (the exact KKT rule).
       lower_kwargs: extra :func:`~bilevel_jax.argmin` options.
 
     Returns:

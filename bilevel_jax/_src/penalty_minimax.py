@@ -1,4 +1,6 @@
-r"""Bilevel problems with a minimax or convex-constrained lower level (PBM, ALGORITHMS.md §3.6–3.7).
+r"""Bilevel problems with a minimax or convex-constrained lower level (PBM).
+
+The mathematics is on the docs page ``lower/penalty-minimax.md``.
 
 The bilevel minimax problem is
 
@@ -21,7 +23,7 @@ nonconvex–concave, with ``L_P = O(rho)``. On strongly convex–strongly concav
 ``||x1(rho) - x1*|| = O(1/rho)`` and the gap is ``O(1/rho^2)``.
 
 A convex constrained lower level ``min_y g(x, y) s.t. c(x, y) <= 0`` (Slater) is the minimax
-problem ``min_y max_{0 <= lam <= lam_max} g + lam' c`` (§3.7, :func:`lagrangian_minimax`),
+problem ``min_y max_{0 <= lam <= lam_max} g + lam' c`` (:func:`lagrangian_minimax`),
 usable both by :func:`bilevel_jax.saddle_point` (implicit hypergradients) and by
 :func:`penalty_bilevel_minimax` (as ``g`` with ``y1 = y``, ``y2 = lam``).
 """
@@ -37,7 +39,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src import linear_solve as ls
-from bilevel_jax._src import minimax
+from bilevel_jax._src import loops, minimax
 from bilevel_jax._src.projections import (
     Box,
     cast_sets,
@@ -72,7 +74,7 @@ INNER_SOLVERS = ("gdmax", "extragradient")
 
 
 # --------------------------------------------------------------------------------------------
-# Lagrangian reduction of a constrained lower level (§3.7).
+# Lagrangian reduction of a constrained lower level.
 
 
 class LagrangianSolution(NamedTuple):
@@ -120,7 +122,7 @@ _nan_cotangent_if.defvjp(_nan_cotangent_if_fwd, _nan_cotangent_if_bwd)
 
 
 class LagrangianMinimax(NamedTuple):
-    """A constrained convex lower level written as a minimax problem (§3.7).
+    """A constrained convex lower level written as a minimax problem.
 
     ``min_y g(x, y) s.t. c(x, y) <= 0`` becomes ``min_y max_{lam in [0, lam_max]^m} L`` with
     ``L(x, y, lam) = g(x, y) + lam' c(x, y)``.
@@ -198,7 +200,7 @@ class LagrangianMinimax(NamedTuple):
 def lagrangian_minimax(
     g: Callable, c: Callable, x: PyTree, y: PyTree, theta: PyTree = None, *, lam_max=10.0
 ) -> LagrangianMinimax:
-    r"""Reduce ``min_y g(x, y) s.t. c(x, y) <= 0`` to a minimax problem (ALGORITHMS.md §3.7).
+    r"""Reduce ``min_y g(x, y) s.t. c(x, y) <= 0`` to a minimax problem.
 
     Returns ``L(x, y, lam) = g(x, y) + lam' c(x, y)`` with ``lam`` in the box ``[0, lam_max]^m``.
     For ``g`` and ``c`` convex in ``y`` with a Slater point and ``lam_max > ||lam*(x)||_inf``
@@ -271,11 +273,11 @@ def lagrangian_minimax(
 
 
 # --------------------------------------------------------------------------------------------
-# epsilon-KKT residuals (§3.6).
+# epsilon-KKT residuals.
 
 
 class KKTResiduals(NamedTuple):
-    """The epsilon-KKT residuals of ALGORITHMS.md §3.6 at multiplier ``mu`` (``= rho``).
+    """The epsilon-KKT residuals of a bilevel minimax problem at multiplier ``mu`` (``= rho``).
 
     With sets each stationarity norm is that of the projected-gradient mapping
     ``||w - Proj(w -+ grad)||`` (unit step), which is ``||grad||`` without a set.
@@ -330,7 +332,7 @@ def bilevel_minimax_kkt(
     y1_set: PyTree = None,
     y2_set: PyTree = None,
 ) -> KKTResiduals:
-    r"""The epsilon-KKT residuals of a bilevel minimax problem (ALGORITHMS.md §3.6).
+    r"""The epsilon-KKT residuals of a bilevel minimax problem.
 
     A point ``(x1, x2, y1, y2)`` with certificates ``(z1, z2)`` and multiplier ``mu >= 0`` is
     epsilon-KKT (modelled on Lu and Mei) when every entry of the result is ``<= eps``; an
@@ -458,16 +460,11 @@ def _block_lipschitz(pen, u, v, rho, anchor, sigma, num_iter=20):
     grad_v = jax.grad(pen.value, argnums=1)
     hvp = lambda w: jax.jvp(lambda v_: grad_v(u, v_, rho, anchor, sigma), (v,), (w,))[1]  # noqa: E731
     tiny = jnp.finfo(v.dtype).tiny
-    ids = pen.v_blocks
-    w = jnp.ones_like(v) + jnp.arange(v.shape[0], dtype=v.dtype) / max(v.shape[0], 1)
 
     def normalise(w):
-        return w / jnp.maximum(pen.block_norms(w), tiny)[ids]
+        return w / jnp.maximum(pen.block_norms(w), tiny)[pen.v_blocks]
 
-    def body(_, w):
-        return normalise(hvp(w))
-
-    w = jax.lax.fori_loop(0, num_iter, body, normalise(w))
+    w = loops.power_iteration(hvp, loops.power_start(v), num_iter, normalize=normalise)
     return pen.block_norms(hvp(w))
 
 
@@ -605,7 +602,7 @@ def penalty_bilevel_minimax(
     v_smoothing: float = 0.0,
     throw: bool = False,
 ) -> PenaltyMinimaxSolution:
-    r"""Solve a bilevel minimax problem by the duality-gap penalty method (PBM, §3.6).
+    r"""Solve a bilevel minimax problem by the duality-gap penalty method (PBM).
 
     Problem: ``min_{x1 in X1} max_{x2 in X2} f(x1, x2, y1, y2)`` subject to ``(y1, y2)``
     being a saddle point of ``min_{y1 in Y1} max_{y2 in Y2} g(x1, y1, y2)``, with ``g``
@@ -628,8 +625,8 @@ def penalty_bilevel_minimax(
     when the stationarity residuals are ``<= tol``):
 
     * ``"extragradient"`` (default): projected extragradient on ``(u, v)`` with a
-      backtracking step (``step_size`` is the initial step; ALGORITHMS.md uses
-      ``0.2 / (1 + 2 rho)``). It treats the certificates as dual variables, so it handles
+      backtracking step (``step_size`` is the initial step; a fixed step of about
+      ``0.2 / (1 + 2 rho)`` also works). It treats the certificates as dual variables, so it handles
       maximising blocks in which ``P`` is linear (a multiplier, a player of a merely
       convex–concave ``g``), and it converges on the test problems although ``P_rho`` is
       not jointly convex in ``u``; its theory covers convex–concave ``P_rho``.

@@ -1,4 +1,4 @@
-"""Seed bilevel problems of the papers (ALGORITHMS.md §4), as data plus functions.
+"""Seed bilevel problems of the papers (SIGD and F2CBA experiments), as data plus functions.
 
 Every generator returns a :class:`BilevelProblem`: an upper level ``f(x, y)``, a lower level
 ``g(y, x)`` (variables first, as in :func:`~bilevel_jax.argmin`), its linear constraints as
@@ -59,7 +59,7 @@ def sigd_quadratic(equation: int) -> BilevelProblem:
     """The SIGD quadratic problems (Khanduri et al., ICML 2023), equations 14, 16, 17, 18.
 
     ``d_x = d_y = 2``; box ``[-1, 1]^2`` (14, 16, 17) or ``[-5, 5]^2`` with
-    ``-5 <= y_1 + y_2 <= 5`` (18), written as ``G y <= h``. Closed forms (ALGORITHMS.md §4.1):
+    ``-5 <= y_1 + y_2 <= 5`` (18), written as ``G y <= h``. Closed forms (derived here):
     (16) ``y* = clip(-x, -1, 1)``, ``dF/dx_i = -10 x_i`` inside, ``x_i/2 - 5 sign(x_i)``
     outside; (17) ``y* = clip(-x, -1, 1)``, ``-4 x_i`` inside, ``x_i - 2 sign(x_i)`` outside;
     (14) ``y* = clip(-x - e_2, -1, 1)``; (18) ``y* = Proj_Y(-x - 1)``.
@@ -173,7 +173,7 @@ def _cast(a, x):
 
 def coupled_benchmark(seed: int = 0, dim_x: int = 50, dim_y: int = 50,
                       num_constraints: int = 10):
-    r"""The coupled 50/50/10 quadratic benchmark of the SIGD group (ALGORITHMS.md §4.3).
+    r"""The coupled 50/50/10 quadratic benchmark of the SIGD group.
 
     .. math::
         \min_x\ \tfrac12 x^T P_u x + x^T Q_u y^* + \tfrac12 {y^*}^T R_u y^* + c_u^T x + d_u^T y^*,
@@ -183,7 +183,7 @@ def coupled_benchmark(seed: int = 0, dim_x: int = 50, dim_y: int = 50,
     with ``P_u = R_u = P_l = R_l = 2 I``, ``c_u = d_u = 1``, ``Q_u = 0.1 U[0,1]``,
     ``Q_l = U[0,1]`` (both ``dim_x x dim_y``) and ``A, B, b ~ U[0,1]``. The constraints are
     *coupled*: the lower level depends on ``x`` through ``ineq(x) = (A, b - B x)`` as well as
-    through ``g``. ``H = 2 I`` and ``J = Q_l^T``; on the active set ``I`` (ALGORITHMS.md §1.3)
+    through ``g``. ``H = 2 I`` and ``J = Q_l^T``; on the active set ``I`` (the KKT rule)
     ``Dy* = -N Q_l^T - (1/2) A_I^T S^{-1} B_I``, ``S = A_I A_I^T / 2``,
     ``N = (I - A_I^T (A_I A_I^T)^{-1} A_I) / 2``.
 
@@ -282,7 +282,7 @@ def _max_flow(capacity: np.ndarray, source: int, sink: int) -> float:
 
 def toll_network(seed: int = 0, num_nodes: int = 10, gamma: float = 0.05,
                  budget: float = 100.0):
-    r"""The network toll (attack) problem of the SIGD authors (ALGORITHMS.md §4.4).
+    r"""The network toll (attack) problem of the SIGD authors.
 
     A complete digraph on ``n = num_nodes`` nodes (``E = n (n - 1)`` edges ``(i, j)``,
     ``i != j``, in row-major order), capacities ``cap ~ U[100, 1000]``, edge costs
@@ -296,7 +296,7 @@ def toll_network(seed: int = 0, num_nodes: int = 10, gamma: float = 0.05,
     with ``N`` the node-arc incidence matrix without the sink's row (``n - 1`` independent
     rows: out-flow minus in-flow), ``e = demand * e_source``. The attacker maximises the
     operator's cost, ``min_x f(x, y*) = -(c + x)^T y*``, over the budget simplex
-    ``{x >= 0, 1^T x = budget}`` (``data["projection"].project``, ALGORITHMS.md §2.1).
+    ``{x >= 0, 1^T x = budget}`` (``data["projection"].project``, a :class:`~bilevel_jax.Simplex`).
     ``H = gamma I``, ``J = I``: ``Dy* = -(1/gamma)(I - A_I^T (A_I A_I^T)^{-1} A_I)`` with
     ``A_I`` the conservation rows and the active bound rows, so the hypergradient is
     ``-y* + (1/gamma) P_I (c + x)`` (``P_I`` the projector onto ``null(A_I)``).
@@ -318,7 +318,7 @@ def toll_network(seed: int = 0, num_nodes: int = 10, gamma: float = 0.05,
     Args:
       seed: the NumPy seed.
       num_nodes: ``n >= 3``.
-      gamma: the regularisation ``gamma > 0`` (ALGORITHMS.md: ``[0.01, 0.1]``).
+      gamma: the regularisation ``gamma > 0`` (the authors' code: ``[0.01, 0.1]``).
       budget: the attacker's total toll ``> 0``.
 
     Returns:

@@ -5,13 +5,13 @@ leaves, so a set can be traced, batched with :func:`jax.vmap` and differentiated
 that depends on a hyperparameter receives its gradient. Every set has one method,
 ``project(z)``, the Euclidean projection ``argmin_{x in C} ||x - z||``, which is pure, jittable
 and differentiable almost everywhere (its Jacobian is the projector onto the tangent space of
-the active face, the mask of ALGORITHMS.md §1.3 for a box).
+the active face; for a box, the 0/1 mask of the free coordinates).
 
 | set | projection of ``z`` | cost |
 |---|---|---|
 | :class:`Box` ``[lo, hi]`` (infinite bounds allowed) | ``clip(z, lo, hi)`` | ``O(n)`` |
 | :class:`NonNegative` | ``max(z, 0)`` | ``O(n)`` |
-| :class:`Simplex` ``{x >= 0, sum x = total}`` | ``max(z - tau, 0)``, sorting | ``O(n log n)`` |
+| :class:`Simplex` ``{x >= 0, sum x = total}`` | ``max(z - tau, 0)`` (optax) | ``O(n log n)`` |
 | :class:`Ball` ``{||x - c|| <= r}`` | ``c + (z - c) min(1, r / ||z - c||)`` | ``O(n)`` |
 | :class:`Halfspace` ``{a'x <= b}`` | ``z - max(0, a'z - b) a / ||a||^2`` | ``O(n)`` |
 | :class:`Affine` ``{A x = b}`` | ``z - A^+ (A z - b)`` | ``O(m^2 n)`` (an SVD) |
@@ -26,6 +26,16 @@ constraint), one set, applied to the whole variable (a pytree is flattened in
 sets and ``None`` with the structure of a prefix of the variable's pytree (a product set),
 e.g. ``(Box(0.0, 1.0), None)`` for a variable ``(a, b)``. Any pytree with a ``project`` method
 is accepted as a set.
+
+Only :class:`Simplex` delegates to ``optax.projections``. The others keep their own few
+lines because optax 0.2.8's versions break this module's contract that a point exactly on the
+boundary (a tie) counts as inactive, with a Jacobian of exactly 0 or 1 along each constraint,
+never a blend (measured): ``projection_box`` (``jnp.clip``) gives the derivative 1/2 at
+``z = lo`` or ``z = hi``; ``projection_non_negative`` (``relu``) gives 0 at ``z = 0``, where
+``Box(0, inf)`` gives 1; ``projection_halfspace`` gives ``I - aa'/(2 a'a)`` at ``a'z = b``;
+``projection_l2_ball`` gives a blend of the identity and the tangent projector at
+``||z|| = r`` (and NaN at ``z = 0`` for ``r = 0``). optax has no centred ball and no
+``{A x = b}`` with several rows (:class:`Affine`).
 
 Empty sets (``Box`` with some ``lo > hi``, ``Simplex`` with ``total < 0``, ``Ball`` with
 ``radius < 0``, ``Halfspace`` with ``a = 0`` and ``b < 0``) have no projection. Each set has
@@ -43,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from optax import projections as optax_projections
 
 from bilevel_jax._src.types import Array, ArrayLike, PyTree, concrete_or_none
 
@@ -167,18 +178,21 @@ class Simplex(NamedTuple):
     total: ArrayLike = 1.0
 
     def project(self, z: Array) -> Array:
-        """Sort-based projection onto the simplex, ``O(n log n)``."""
+        """Sort-based projection onto the simplex, ``O(n log n)`` (``optax.projections``)."""
         z = jnp.asarray(z)
         x = z.ravel()
         total = _as(self.total, x)
-        mu = jnp.sort(x)[::-1]
-        cumsum = jnp.cumsum(mu) - total
-        index = jnp.arange(1, x.shape[0] + 1, dtype=x.dtype)
-        support = mu - cumsum / index > 0
-        # Number of entries in the support (>= 1 since total > 0); robust to rounding.
-        k = jnp.max(jnp.where(support, jnp.arange(1, x.shape[0] + 1), 1))
-        tau = cumsum[k - 1] / k.astype(x.dtype)
-        out = jnp.where(x > tau, x - tau, jnp.zeros_like(x)).reshape(z.shape)
+        # optax.projections.projection_simplex (0.2.8) agrees with the former own sort-based
+        # projection to 1.6e-15 on 1,000 random points (n = 50, totals 1 and 2.5), Jacobians
+        # equal; but it divides by the total (total = 0, the point {0}, gives NaN) and
+        # returns a point with a negative sum for a negative total (an empty set): those two
+        # cases are handled here (the guard keeps NaN out of the unused branch's gradient).
+        # With x64 enabled it also returns float64 for float32 input (``1 / index`` is
+        # computed from integers), hence the cast.
+        positive = total > 0
+        safe = jnp.where(positive, total, jnp.ones_like(total))
+        inner = optax_projections.projection_simplex(x, safe).astype(x.dtype)
+        out = jnp.where(positive, inner, jnp.zeros_like(x)).reshape(z.shape)
         return _nonempty(self, out, "Simplex")
 
     def empty(self) -> Array:

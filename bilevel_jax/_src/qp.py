@@ -1,6 +1,6 @@
 """``solve_qp``: dense convex QPs with exact, relaxed and first-order (penalty) hypergradients.
 
-The problem (DESIGN.md convention: ``A y = b`` equalities, ``G y <= h`` inequalities) is
+The problem (convention: ``A y = b`` equalities, ``G y <= h`` inequalities) is
 
     min_y  1/2 y'Qy + c'y    s.t.   A y = b ,   G y <= h ,
 
@@ -27,19 +27,19 @@ to rounding and inactive multipliers exactly 0. Stopping tests, statuses and
 Hypergradients (reverse mode, with respect to all of ``Q, c, A, b, G, h``):
 
 * ``"implicit"``: the implicit function theorem on the active-set KKT residual in the
-  static-shape masked form of ALGORITHMS.md §1.3,
+  static-shape masked form (docs ``lower/qp.md``, "Implicit"),
 
       r(y, nu, lam) = [ Q y + c + A'nu + G'(m * lam) ;  A y - b ;  m * (G y - h) - (1 - m) * lam ],
 
   whose Jacobian is the symmetric matrix ``K = [Q, A', G'M; A, 0, 0; MG, 0, -(I - M)]``;
   the adjoint solve uses ``K`` with ``-ridge`` on the multiplier diagonal (rows with
   ``m_i = 1`` and the equalities) and reuses the polish factorisation when the masks agree.
-  This gives the OptNet formulas of §1.2 on the active set (``cbar = -w``,
+  This gives the OptNet formulas on the active set (``cbar = -w``,
   ``Qbar = -(w y' + y w')/2``, ``hbar_I = mu_I``, ``Gbar_I = -(lam_I w' + mu_I y')``, ...).
 * ``"relaxed"``: the same theorem on the log-barrier (central path) KKT system
   ``lam_i (h - G y)_i = mu`` at a fixed ``mu`` (as qpax does): a smooth, informative derivative
   at active constraints, biased by ``O(mu)``.
-* ``"penalty"``: the first-order oracle of Kornowski et al. (ALGORITHMS.md §1.5, VJP form),
+* ``"penalty"``: the first-order oracle of Kornowski et al. (VJP form),
   one SPD solve with ``Q + alpha^-2 C_I'C_I`` (``C_I`` the equalities and active rows), error
   ``O(alpha^2)`` on QPs.
 
@@ -55,12 +55,21 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bilevel_jax._src import kkt, vma
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.implicit import custom_solution, implicit_backward
-from bilevel_jax._src.types import Array, ArrayLike, Info, Status, check_info, make_info
+from bilevel_jax._src.types import (
+    Array,
+    ArrayLike,
+    Info,
+    Status,
+    check_info,
+    concrete_or_none,
+    make_info,
+)
 
 __all__ = ["HYPERGRADS", "QPSolution", "active_set_adjoint", "default_options", "solve_qp"]
 
@@ -142,7 +151,7 @@ def _sym(Q):
 
 
 def _kkt_matrix(Qs, A, G, m, eps):
-    """The static-shape masked KKT matrix of §1.3 with ``-eps`` on the multiplier diagonal.
+    """The static-shape masked KKT matrix with ``-eps`` on the multiplier diagonal.
 
     ``[[Qs, A', G'M], [A, -eps I, 0], [MG, 0, -(I - M) - eps M]]`` with ``M = diag(m)``.
     """
@@ -158,7 +167,7 @@ def _kkt_matrix(Qs, A, G, m, eps):
 
 
 # --------------------------------------------------------------------------------------------
-# The reusable helper: masked active-set KKT adjoint solve (ALGORITHMS.md §1.3).
+# The reusable helper: masked active-set KKT adjoint solve.
 
 
 def active_set_adjoint(
@@ -175,7 +184,7 @@ def active_set_adjoint(
     tol: float | None = None,
     max_iter: int | None = None,
 ):
-    r"""Solve the static-shape masked active-set KKT system of ALGORITHMS.md §1.3.
+    r"""Solve the static-shape masked active-set KKT system (docs ``lower/qp.md``).
 
     With ``M = diag(mask)`` and ``eps = ridge``, solves
 
@@ -359,7 +368,7 @@ def _active_mask(y, lam, G, h, tol):
 
 
 def _active_residual(tol):
-    """The masked active-set KKT residual ``r(z, theta)`` of the implicit rule (§1.3)."""
+    """The masked active-set KKT residual ``r(z, theta)`` of the implicit rule."""
 
     def residual(z, theta):
         y, nu, lam = z
@@ -617,35 +626,51 @@ def _kkt_solve(pre: _Prepared, chol_s, m, e, r, steps=1, t=None):
     return vma.fori_loop(0, steps, refine, solve(r1, r2, t))
 
 
-def _solve_original(pre: _Prepared, sc: _Scaling, m, e, r, delta=None, steps=1, ridge=0.0):
-    """Solve ``K(m, e) x = r`` of the *original* problem with the scaled factorisation.
+def original_solver(pre: _Prepared, sc: _Scaling, m, e, delta=None, steps=1, ridge=0.0):
+    """A solver of ``K(m, e) x = r`` in *original* units through the scaled factorisation.
 
-    ``ridge`` is added to the multiplier diagonal of the masked rows in *equilibrated* units
-    (``e^ = E^2 e / sigma + ridge m``), so that its relative effect is the same on every row
-    whatever the scaling of the data. The solution is NaN when, after the refinement steps,
-    its normwise backward error on the equilibrated system exceeds ``sqrt(eps)`` (a singular
-    or too ill-conditioned system, e.g. a reduced Hessian that is singular on the identified
-    active set): a hypergradient that cannot be trusted is not returned as a number.
+    Factorises the Schur complement once and returns ``solve(r) -> (x, check)``: ``x`` the
+    solution in original units, ``check`` True when its normwise backward error on the
+    equilibrated system is at most ``sqrt(eps)`` (else the system is singular or too
+    ill-conditioned for the accuracy asked). ``ridge`` is added to the multiplier diagonal of
+    the masked rows in *equilibrated* units (``e^ = E^2 e / sigma + ridge m``), so that its
+    relative effect is the same on every row whatever the scaling of the data.
     """
     D, E, sigma = sc
     root = jnp.sqrt(sigma)
     s1, s2 = root * D, E / root
     e_hat = e * E**2 / sigma + jnp.asarray(ridge, e.dtype) * m
     chol_s = _factor(pre, m, e_hat, delta)
-    r_hat = (s1 * r[0], s2 * r[1])
-    # (three times the forward's refinement steps when Q is nearly singular: the backward
-    # system's contraction factor delta |K^-1| can be close to 1 there)
-    x1, x2 = _kkt_solve(pre, chol_s, m, e_hat, r_hat, steps + 3 * pre.refine)
-    a1, a2 = _kkt_apply(pre, m, e_hat, (x1, x2))
-    res, r1_, r2_, x1_, x2_, q_, c_, e_ = _amaxes(
-        jnp.concatenate([a1 - r_hat[0], a2 - r_hat[1]]), *r_hat, x1, x2, pre.Q, pre.C, e_hat
-    )
-    scale = jnp.maximum(r1_, r2_) + (q_ + c_) * jnp.maximum(x1_, x2_) + e_ * x2_
-    ok = res <= jnp.sqrt(jnp.finfo(x1.dtype).eps) * scale
-    return jnp.where(ok, s1 * x1, jnp.nan), jnp.where(ok, s2 * x2, jnp.nan)
+
+    def solve(r):
+        r_hat = (s1 * r[0], s2 * r[1])
+        # (three times the forward's refinement steps when Q is nearly singular: the
+        # backward system's contraction factor delta |K^-1| can be close to 1 there)
+        x1, x2 = _kkt_solve(pre, chol_s, m, e_hat, r_hat, steps + 3 * pre.refine)
+        a1, a2 = _kkt_apply(pre, m, e_hat, (x1, x2))
+        res, r1_, r2_, x1_, x2_, q_, c_, e_ = _amaxes(
+            jnp.concatenate([a1 - r_hat[0], a2 - r_hat[1]]), *r_hat, x1, x2, pre.Q, pre.C,
+            e_hat,
+        )
+        scale = jnp.maximum(r1_, r2_) + (q_ + c_) * jnp.maximum(x1_, x2_) + e_ * x2_
+        ok = res <= jnp.sqrt(jnp.finfo(x1.dtype).eps) * scale
+        return (s1 * x1, s2 * x2), ok
+
+    return solve
 
 
-def _active_system(p, mask, ridge, dtype):
+def _solve_original(pre: _Prepared, sc: _Scaling, m, e, r, delta=None, steps=1, ridge=0.0):
+    """Solve ``K(m, e) x = r`` of the original problem (:func:`original_solver`), NaN if unsure.
+
+    The solution is NaN when its backward error exceeds ``sqrt(eps)`` (e.g. a reduced Hessian
+    that is singular on the identified active set): a hypergradient that cannot be trusted is
+    not returned as a number.
+    """
+    (x1, x2), ok = original_solver(pre, sc, m, e, delta, steps, ridge)(r)
+    return jnp.where(ok, x1, jnp.nan), jnp.where(ok, x2, jnp.nan)
+
+
+def active_system(p, mask, ridge, dtype):
     """``(m, e)`` of the masked active-set matrix (equalities and ``mask`` rows, ``-ridge``)."""
     m = jnp.concatenate([jnp.ones((p,), dtype), mask.astype(dtype)])
     return m, (1 - m) + jnp.asarray(ridge, dtype) * m
@@ -909,7 +934,7 @@ def _polish(qp: _QP, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max_rounds
     row_norm = jnp.max(jnp.abs(G), axis=1, initial=0)
 
     def attempt(m):
-        mm, e_ridge = _active_system(p, m, ridge, dtype)
+        mm, e_ridge = active_system(p, m, ridge, dtype)
         chol_s = _factor(pre, mm, e_ridge)
         rhs = (-c, jnp.concatenate([b, jnp.where(m, h, 0)]))
         y, x2 = _kkt_solve(pre, chol_s, mm, 1 - mm, rhs, 2 + pre.refine, -pre.q_c)
@@ -949,7 +974,7 @@ class _Forward(NamedTuple):
 
 
 @jax.jit
-def _forward(theta, init, warm, polish, ridge, tol, max_iter):
+def solve_forward(theta, init, warm, polish, ridge, tol, max_iter):
     """Scaling, interior point, polish and ``info``.
 
     Jitted with every option traced, so that eager calls reuse one compilation per shape and
@@ -992,12 +1017,24 @@ def _forward(theta, init, warm, polish, ridge, tol, max_iter):
     status = jnp.where(infeasible, Status.INFEASIBLE, status)
     status = jnp.where(pre.convex, status, Status.NONCONVEX)
     status = jnp.where(finite, status, Status.NONFINITE)
-    # Outputs that cannot be mistaken for a solution: NaN when the data are not finite or Q
-    # is not convex (no iterate exists).
-    bad = (status == Status.NONFINITE) | (status == Status.NONCONVEX)
+    # Outputs that cannot be mistaken for a solution: NaN when the data are not finite, Q is
+    # not convex or the feasible set is empty (no point to return).
+    bad = (status == Status.NONFINITE) | (status == Status.NONCONVEX) | infeasible
     z = tuple(jnp.where(bad, jnp.nan, a) for a in z)
     info = make_info(out.num_steps, residual, status == Status.SUCCESS, status)
     return z, _Forward(info, pre, scaling)
+
+
+def point_residual(theta, z):
+    """The relative KKT residual (as ``info.residual``) of ``z = (y, nu, lam)``.
+
+    ``theta = (Q, c, A, b, G, h)`` in original units; the slack is ``max(h - G y, 0)``.
+    """
+    Q, c, A, b, G, h = theta
+    valid = _valid(h)
+    orig = _QP(_sym(Q), c, A, b, G, _safe_h(h))
+    sc = _Scales(*_amaxes(orig.Q, c, A, b, G, jnp.where(valid, orig.h, 0)))
+    return _point_residual(orig, sc, *z, valid)
 
 
 def _central_path_point(theta, z, mu, tol, max_iter, pre=None, scaling=None):
@@ -1079,7 +1116,7 @@ def _implicit_backward(zbar, z, theta, pre, scaling, ridge, tol):
         y, nu, lam = z
         _, _, _, _, G, h = theta
         p = nu.shape[0]
-        m, _ = _active_system(p, _active_mask(y, lam, G, h, tol), ridge, y.dtype)
+        m, _ = active_system(p, _active_mask(y, lam, G, h, tol), ridge, y.dtype)
         ybar, nubar, lambar = zbar
         r = (ybar, jnp.concatenate([nubar, lambar]))
         w, mu = _solve_original(pre, scaling, m, 1 - m, r, ridge=ridge)
@@ -1123,7 +1160,7 @@ def _relaxed_backward(zbar, z, theta, pre, scaling, ridge, mu, tol, max_iter):
 
 @jax.jit
 def _penalty_backward(zbar, z, theta, pre, scaling, alpha, ridge, tol):
-    """Kornowski et al.'s first-order oracle as a VJP (ALGORITHMS.md §1.5, quadratic form).
+    """Kornowski et al.'s first-order oracle as a VJP (quadratic form).
 
     For the cotangent ``(v, rho_E, rho_I)`` (normalised to unit norm, the result rescaled) and
     the constraints ``C_I = [A; G_I]`` (equalities and active rows), solve the penalty problem
@@ -1157,7 +1194,7 @@ def _penalty_backward(zbar, z, theta, pre, scaling, alpha, ridge, tol):
     # (Q + alpha^-2 C_I'C_I) Delta = rhs  <=>  K(m, e) (Delta, x2) = (rhs, 0) with e = alpha^2
     # on the equality and active rows (x2 = alpha^-2 C_I Delta), solved through Q's factor.
     p = A.shape[0]
-    m, e = _active_system(p, mf > 0, a2, dtype)
+    m, e = active_system(p, mf > 0, a2, dtype)
     zero = jnp.zeros((p + G.shape[0],), dtype)
     delta, _ = _solve_original(pre, scaling, m, e, (rhs, zero), delta=0.0)
     y_hat = y + delta
@@ -1290,6 +1327,9 @@ def solve_qp(
     G: ArrayLike | None = None,
     h: ArrayLike | None = None,
     *,
+    C: ArrayLike | None = None,
+    l: ArrayLike | None = None,  # noqa: E741
+    u: ArrayLike | None = None,
     hypergrad: str = "implicit",
     tol: float | None = None,
     max_iter: int | None = None,
@@ -1351,7 +1391,7 @@ def solve_qp(
       the exact derivative (``margin`` the smaller of the active multipliers and inactive
       slacks); at a weakly active row it averages the two one-sided derivatives. The returned
       solution is still the exact QP solution.
-    * ``"penalty"``: Kornowski et al.'s first-order oracle in VJP form (§1.5): one SPD solve
+    * ``"penalty"``: Kornowski et al.'s first-order oracle in VJP form: one SPD solve
       with ``Q + alpha^-2 C_I'C_I`` (``C_I`` = ``A`` and the active rows of ``G``; through
       ``Q``'s factorisation, by the Woodbury identity) and one gradient of a scalar
       Lagrangian gap. Error ``O(alpha^2)``.
@@ -1359,12 +1399,14 @@ def solve_qp(
     Assumptions: ``Q`` positive semidefinite and the QP strictly convex on the feasible set
     (unique ``y``); the exact rules need strict complementarity and LICQ for a true
     derivative. Failures are reported in ``info.status``: ``INFEASIBLE`` (a Farkas
-    certificate from the diverging multipliers, or an ``h_i = -inf``), ``UNBOUNDED`` (a
-    direction of unbounded descent), ``MAX_STEPS`` (with the residual reached), ``NONFINITE``
-    (non-finite data: NaN outputs; a non-finite iterate: outputs keep the last finite
-    iterate). Failure policy (as for every entry point, see :class:`~bilevel_jax.Status`):
-    with a status other than ``SUCCESS`` every cotangent is NaN (per problem under
-    ``jax.vmap``), never a finite number that looks like a hypergradient.
+    certificate from the diverging multipliers, or an ``h_i = -inf``; NaN outputs: there is
+    no point to return), ``UNBOUNDED`` (a direction of unbounded descent; the outputs are the
+    last iterate), ``MAX_STEPS`` (with the residual reached; the best iterate),
+    ``NONCONVEX`` (``Q`` indefinite beyond rounding; NaN outputs), ``NONFINITE`` (non-finite
+    data or iterates; NaN outputs). Failure policy (as for every entry point, see
+    :class:`~bilevel_jax.Status`): with a status other than ``SUCCESS`` every cotangent is
+    NaN (per problem under ``jax.vmap``), never a finite number that looks like a
+    hypergradient.
 
     Cost: ``n^3/3 + n^2 (p + k)`` once (Cholesky of ``Q``, then ``W``), then per iteration a
     Cholesky of size ``p + k`` and matrix-vector products (typically 8-15 iterations), the
@@ -1383,6 +1425,11 @@ def solve_qp(
       b: optional ``(p,)`` equality right-hand side.
       G: optional ``(k, n)`` inequality matrix (with ``h``).
       h: optional ``(k,)`` inequality right-hand side; ``+inf`` entries mean "no constraint".
+      C: optional ``(r, n)`` matrix of two-sided constraints ``l <= C y <= u`` (as in OSQP
+        and jaxopt's ``BoxOSQP``; no need to stack ``[C; -C]``). Equal bounds make a row an
+        equality; infinite bounds mean "no bound".
+      l: lower bounds of ``C y``, a scalar or ``(r,)`` (default ``-inf``).
+      u: upper bounds of ``C y``, a scalar or ``(r,)`` (default ``+inf``).
       hypergrad: ``"implicit"``, ``"relaxed"`` or ``"penalty"``.
       tol: relative KKT tolerance (default 1e-10 in float64, 1e-5 in float32); the active-set
         thresholds are ``sqrt(tol)`` relative.
@@ -1399,10 +1446,14 @@ def solve_qp(
         subclasses. Off by default (see :class:`~bilevel_jax.SolveError`).
 
     Returns:
-      A :class:`QPSolution` ``(y, nu, lam, info)`` in the dtype of the data.
+      A :class:`QPSolution` ``(y, nu, lam, info)`` in the dtype of the data. With ``C``,
+      ``lam`` has ``k + r`` entries: those of ``G`` (``>= 0``), then one signed multiplier
+      per row of ``C`` (``> 0`` when ``C_i y = u_i`` is active, ``< 0`` when ``l_i`` is), so
+      that ``Q y + c + A'nu + G'lam_G + C'lam_C = 0``.
 
     Raises:
-      ValueError, TypeError: at trace time for bad shapes (naming the argument) or options.
+      ValueError, TypeError: at trace time for bad shapes (naming the argument) or options,
+        or concrete bounds with some ``l_i > u_i``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -1422,6 +1473,15 @@ def solve_qp(
       Optimization. NeurIPS 2024.
     """
     _check_options(hypergrad, tol, max_iter, ridge, alpha, mu, polish)
+    r = 0
+    if C is not None or l is not None or u is not None:
+        G, h, r = _two_sided(C, l, u, G, h, c)
+        if init is not None:  # the signed multipliers of C split into those of [C; -C]
+            y_i, nu_i, lam_i = init
+            lam_i = jnp.asarray(lam_i)
+            lam_c = lam_i[lam_i.shape[0] - r:]
+            init = (y_i, nu_i, jnp.concatenate([lam_i[: lam_i.shape[0] - r],
+                                                jnp.maximum(lam_c, 0), jnp.maximum(-lam_c, 0)]))
     theta, dtype = _check_data(Q, c, A, b, G, h)
     n, p, k = theta[0].shape[0], theta[2].shape[0], theta[4].shape[0]
     defaults = default_options(dtype)
@@ -1440,7 +1500,34 @@ def solve_qp(
         init = (jnp.zeros((n,), dtype), jnp.zeros((p,), dtype), jnp.zeros((k,), dtype))
     solution = _solve(theta, init, options)
     check_info(solution.info, throw)
+    if r:
+        lam = solution.lam
+        k_g = lam.shape[0] - 2 * r
+        lam = jnp.concatenate([lam[:k_g], lam[k_g:k_g + r] - lam[k_g + r:]])
+        solution = solution._replace(lam=lam)
     return solution
+
+
+def _two_sided(C, l, u, G, h, c):  # noqa: E741
+    """``l <= C y <= u`` as the rows ``[C; -C] y <= [u; -l]`` appended to ``G y <= h``."""
+    if C is None:
+        raise ValueError("l and u bound C y: pass C (shape (r, n)) with them.")
+    C = jnp.asarray(C)
+    if C.ndim != 2:
+        raise ValueError(f"C must have shape (r, n), got {C.shape}.")
+    r, n = C.shape
+    dtype = jnp.result_type(C, jnp.asarray(c))
+    inf = jnp.asarray(jnp.inf, dtype)
+    lo = jnp.broadcast_to(jnp.asarray(-inf if l is None else l, dtype), (r,))
+    hi = jnp.broadcast_to(jnp.asarray(inf if u is None else u, dtype), (r,))
+    lo_c, hi_c = concrete_or_none(lo), concrete_or_none(hi)
+    if lo_c is not None and hi_c is not None and np.any(lo_c > hi_c):
+        i = int(np.flatnonzero(lo_c > hi_c)[0])
+        raise ValueError(f"l > u at row {i} of C (l = {lo_c[i]}, u = {hi_c[i]}): the set "
+                         "l <= C y <= u is empty.")
+    G = jnp.zeros((0, n), dtype) if G is None else jnp.asarray(G)
+    h = jnp.zeros((0,), dtype) if h is None else jnp.asarray(h)
+    return jnp.concatenate([G, C, -C]), jnp.concatenate([h, hi, -lo]), r
 
 
 class _Options(NamedTuple):
@@ -1465,7 +1552,7 @@ def _solve(theta, z0, options: _Options) -> QPSolution:
     tol, max_iter, ridge = options.tol, options.max_iter, options.ridge
 
     def forward(z_start, th):
-        return _forward(th, z_start, options.warm, options.polish, ridge, tol, max_iter)
+        return solve_forward(th, z_start, options.warm, options.polish, ridge, tol, max_iter)
 
     if options.hypergrad == "implicit":
 

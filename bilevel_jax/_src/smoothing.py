@@ -92,7 +92,8 @@ def perturb_linear(
 
     References:
       Khanduri, Tsaknakis, Zhang, Liu, Liu, Zhang, Hong. Linearly Constrained Bilevel
-      Optimization: A Smoothed Implicit Gradient Approach. ICML 2023 (§1.4 of ALGORITHMS.md).
+      Optimization: A Smoothed Implicit Gradient Approach. ICML 2023 (docs: ``lower/inequality.md``,
+      section 'SIGD smoothing').
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")

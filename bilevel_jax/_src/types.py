@@ -86,6 +86,39 @@ class Status(enum.IntEnum):
     NONCONVEX = 7
     SINGULAR = 8
 
+    def __str__(self) -> str:
+        """The name, e.g. ``SUCCESS`` (``print`` and ``str``; ``int(s)`` gives the code)."""
+        return self.name
+
+    def __format__(self, spec: str) -> str:
+        """The name in f-strings (``f"{s:>10}"``); numeric specs (``f"{s:d}"``) give the code."""
+        if spec and spec[-1] in "bcdoxXneEfFgG%":
+            return int.__format__(self, spec)
+        return format(self.name, spec)
+
+    @classmethod
+    def name_of(cls, status: ArrayLike) -> str | np.ndarray:
+        """Name(s) of status code(s), e.g. ``info.status`` of a single or a batched solve.
+
+        Args:
+          status: an integer code or an array of codes (concrete: not under ``jit``).
+
+        Returns:
+          The name (``str``) for a scalar, else a NumPy array of names of the same shape.
+
+        Examples:
+          >>> import jax.numpy as jnp
+          >>> Status.name_of(jnp.array([0, 1]))
+          array(['SUCCESS', 'MAX_STEPS'], dtype='<U9')
+          >>> Status(int(jnp.array(2))), str(Status.SUCCESS)
+          (<Status.INFEASIBLE: 2>, 'SUCCESS')
+        """
+        codes = np.asarray(status)
+        if codes.ndim == 0:
+            return cls(int(codes)).name
+        names = [cls(int(code)).name for code in codes.ravel()]
+        return np.asarray(names, dtype=str if names else "<U1").reshape(codes.shape)
+
 
 def is_successful(status: ArrayLike) -> Array:
     """Whether ``status`` is a usable result: ``SUCCESS`` or ``RANK_DEFICIENT`` (elementwise).

@@ -114,18 +114,43 @@ def closure_convert(fn: Callable, *args):
     in :func:`~bilevel_jax._src.implicit.custom_solution`), so ``args`` are cast the same way
     before tracing (a second trace, only when a cast is needed).
 
+    The solvers also cast the closed-over arrays (``consts``) that way, which the replayed
+    jaxpr cannot take when ``fn`` closes over a value that is the same on every device (an
+    input replicated by ``in_specs=P()``, a constant built inside the ``shard_map`` body)
+    while the problem varies: that case raises a ``NotImplementedError`` that says so,
+    instead of JAX's "requires varying manual axes to match" deep inside a solver loop.
+
     Args:
       fn: the function to convert.
       *args: example arguments.
 
     Returns:
       ``(converted, consts)`` as :func:`jax.closure_convert`.
+
+    Raises:
+      NotImplementedError: inside ``shard_map``, for a closed-over replicated value that
+        the replayed function cannot take once it is marked as varying.
     """
     converted, consts = jax.closure_convert(fn, *args)
     cast = vary_like(args, args, consts)
-    if _unchanged(cast, args):
-        return converted, consts
-    return jax.closure_convert(fn, *cast)
+    if not _unchanged(cast, args):
+        converted, consts = jax.closure_convert(fn, *cast)
+    if not _unchanged(vary_like(consts, cast, consts), consts):
+        try:  # an abstract replay with the consts as the solvers will pass them
+            jax.eval_shape(lambda a, c: converted(*a, *vary_like(c, a, c)), cast, consts)
+        except ValueError as err:
+            axes = sorted(varying_axes(cast, consts), key=str)
+            raise NotImplementedError(
+                f"{getattr(fn, '__name__', 'a user function')} closes over a value that is "
+                f"replicated over the jax.shard_map mesh axes {axes} (an input with "
+                "in_specs P(), or a constant built inside the shard_map body) while the "
+                "problem varies per device; with check_vma=True the solver cannot replay it. "
+                "Pass that value in theta (the argument the solver differentiates) instead "
+                "of closing over it, mark it per-device with jax.lax.pcast(value, axes, "
+                "to='varying') before closing over it, or build it outside the jitted "
+                "function."
+            ) from err
+    return converted, consts
 
 
 def _carry(init: PyTree, *refs: PyTree) -> PyTree:
