@@ -46,6 +46,14 @@ Usage::
     python bench/f2cba_l1.py --exp loss --seeds 1 2 3      # exp1 at dy=200 on three seeds
     python bench/f2cba_l1.py --exp timing --dy 100 200     # exp2 on two sizes
     python bench/f2cba_l1.py --small                       # a seconds-long smoke run
+    python bench/f2cba_l1.py --exp dys --steps 200 --large-steps 30  # every d_y, 10 seeds
+    python bench/f2cba_l1.py --exp o2nc                    # O2NC / zeroth order, dx=10 dy=20
+
+* ``dys``: exp1 at every d_y of the paper (5 ... 1000), seeds 1..``--num-seeds``, F2CBA
+  only (its loss is exact; the exact rule's gradients are compared in exp1/exp3), with
+  ``--large-steps`` steps at d_y >= 500.
+* ``o2nc``: the theory algorithms (O2NC with the F2CBA penalty oracle, both output rules,
+  and the zeroth-order variant) on a small instance against the exact rule.
 
 Switching to the library's outer loop, ``bj.algorithms.f2cba(..., method="adam")``, replaces
 the line of :func:`adam_step` that builds ``oracle`` (and the optax update after it) by that
@@ -540,6 +548,132 @@ def exp_alpha(args):
 # ------------------------------------------------------------------------ figures
 
 
+PAPER_DYS = (5, 10, 20, 50, 100, 200, 500, 800, 1000)
+
+
+def exp_dys(args):
+    """exp1 at every d_y of the paper: F2CBA (alpha = 0.1, Adam lr 0.01) loss curves, seeds."""
+    dys = args.dy or list(PAPER_DYS)
+    seeds = args.seeds if len(args.seeds) > 1 else list(range(1, args.num_seeds + 1))
+    curves, rows = {}, []
+    for dy in dys:
+        steps = args.steps if dy <= 200 else min(args.steps, args.large_steps)
+        losses, finals, active, bad, times = [], [], [], 0, []
+        for seed in seeds:
+            data = load(seed, args.dx, dy)
+            t0 = time.perf_counter()
+            logs = adam_run(data, "qp-penalty", 0.1, steps)
+            times.append((time.perf_counter() - t0) / steps)
+            losses.append(np.append(logs["loss"], logs["loss_final"]))
+            finals.append(logs["loss_final"])
+            active.append(int(logs["active"][-1]))
+            bad += int(np.sum(logs["status"] != 0))
+        losses = np.array(losses)  # (seeds, steps + 1)
+        curves[dy] = losses
+        at = {t: losses[:, t] for t in (0, 50, 100, 180, 350, 1000) if t <= steps}
+        rows.append(dict(dy=dy, steps=steps, at=at, final=np.array(finals),
+                         active=np.array(active), bad=bad, step_s=float(np.median(times))))
+    lines = [f"exp1 at every d_y: Problem L.1 dx={args.dx}, m=dy/5, F2CBA (qp-penalty, "
+             f"alpha=0.1), Adam lr 0.01, seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}); "
+             f"{args.steps} steps for dy <= 200, {min(args.steps, args.large_steps)} for dy >= "
+             "500 (to fit the run in ~15 min on a shared 2-core machine); F(x_t) exact; cells "
+             "mean +- sd over seeds. Paper: curves only, 1000 iterations, average of 10 seeds "
+             "(torch draws, so other instances); at dy=200 seed 1: 0.97 -> -0.84 at t=180 -> "
+             "-0.892 at t=1000.",
+             f"{'dy':>5} {'steps':>5} " + " ".join(f"{'F(t=' + str(t) + ')':>16}"
+                                                   for t in (0, 50, 100, 180, 350, 1000))
+             + f" {'final F':>16} {'|I| end':>8} {'!ok':>4} {'s/step':>8}"]
+    for r in rows:
+        cells = " ".join(f"{r['at'][t].mean():8.4f}+-{r['at'][t].std():6.4f}" if t in r["at"]
+                         else f"{'-':>16}" for t in (0, 50, 100, 180, 350, 1000))
+        lines.append(f"{r['dy']:5d} {r['steps']:5d} {cells} {r['final'].mean():8.4f}+-"
+                     f"{r['final'].std():6.4f} {r['active'].mean():8.1f} {r['bad']:4d} "
+                     f"{r['step_s']:8.4f}")
+    if args.plot:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for dy, losses in curves.items():
+            t = np.arange(losses.shape[1])
+            m, sd = losses.mean(0), losses.std(0)
+            ax.plot(t, m, label=f"dy={dy}")
+            ax.fill_between(t, m - sd, m + sd, alpha=0.2)
+        ax.set(xlabel="iteration", ylabel="F(x_t) (mean +- sd over seeds)",
+               title=f"F2CBA on Problem L.1, {len(seeds)} seeds")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.out_dir / f"f2cba_l1_dys{args.tag}.png", dpi=110)
+        plt.close(fig)
+    return "\n".join(lines), rows
+
+
+def exp_o2nc(args):
+    """O2NC (penalty and exact rule, both output rules) and the zeroth-order method on a small
+    Problem L.1 against the exact rule with Adam; several keys vmapped."""
+    from bilevel_jax import algorithms
+
+    dx, dy = args.o2nc_size
+    steps = args.o2nc_steps
+    problem, _ = bj.problems.kornowski_l1(seed=args.seeds[0], dim_x=dx, dim_y=dy)
+    F = jax.jit(problem.value)
+    grad_F = jax.jit(jax.grad(problem.value))
+    o2nc = dict(radius=0.02, block_size=10, learning_rate=0.02)
+    algs = {
+        "exact rule, Adam (reference)": algorithms.f2cba(problem, method="adam",
+                                                         hypergrad="implicit",
+                                                         learning_rate=0.01),
+        "F2CBA penalty, Adam": algorithms.f2cba(problem, method="adam", learning_rate=0.01),
+        "O2NC exact rule, best block": algorithms.f2cba(problem, hypergrad="implicit", **o2nc),
+        "O2NC F2CBA penalty, best block": algorithms.f2cba(problem, **o2nc),
+        "O2NC F2CBA penalty, random block": algorithms.f2cba(problem, output_rule="random",
+                                                            **o2nc),
+        "zeroth order O2NC, best block": algorithms.zeroth_order(
+            problem, smoothing_radius=1e-2, num_directions=4, **o2nc),
+        "zeroth order O2NC, random block": algorithms.zeroth_order(
+            problem, smoothing_radius=1e-2, num_directions=4, output_rule="random", **o2nc),
+    }
+    if args.o2nc_only:
+        algs = {k: v for i, (k, v) in enumerate(algs.items())
+                if i == 0 or any(pat in k for pat in args.o2nc_only)}
+    keys = jax.random.split(jax.random.PRNGKey(0), args.o2nc_keys)
+    rows = []
+    for name, alg in algs.items():
+        t0 = time.perf_counter()
+        xs, hist = jax.jit(jax.vmap(lambda k, alg=alg: alg.run(problem.x0, k, steps)))(keys)
+        seconds = time.perf_counter() - t0
+        values = np.array([float(F(x)) for x in xs])
+        grads = np.array([float(jnp.linalg.norm(grad_F(x))) for x in xs])
+        rows.append(dict(name=name, F=values, grad=grads, seconds=seconds,
+                         bad=int(np.sum(np.asarray(hist.status) != 0)),
+                         oracle_F=np.asarray(hist.value).mean(0)))
+    ref = rows[0]["F"].mean()
+    lines = [f"O2NC and zeroth order on Problem L.1 dx={dx} dy={dy} (seed {args.seeds[0]}), "
+             f"{steps} steps, {args.o2nc_keys} PRNG keys (vmapped); O2NC radius D = "
+             f"{o2nc['radius']}, block M = {o2nc['block_size']}, SGD eta = "
+             f"{o2nc['learning_rate']}; zeroth order: r = 1e-2, 4 directions (8 values per "
+             "step); Adam lr 0.01. F and ||grad F|| of each method's output x (exact), mean "
+             "[min, max] over keys; the theory's guarantee is Goldstein stationarity of the "
+             "output block, the paper has no run of these two on L.1 (exp1 uses Adam).",
+             f"{'method':<36} {'F(x_out)':>28} {'F - F_ref':>10} {'||grad F(x_out)||':>28} "
+             f"{'!ok':>4} {'s':>6}"]
+    for r in rows:
+        lines.append(f"{r['name']:<36} {r['F'].mean():9.5f} [{r['F'].min():8.5f}, "
+                     f"{r['F'].max():8.5f}] {r['F'].mean() - ref:10.2e} {r['grad'].mean():9.2e} "
+                     f"[{r['grad'].min():8.2e}, {r['grad'].max():8.2e}] {r['bad']:4d} "
+                     f"{r['seconds']:6.1f}")
+    if args.plot:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in rows:
+            ax.plot(r["oracle_F"], label=r["name"])
+        ax.set(xlabel="iteration", ylabel="F at the evaluated point (mean over keys)",
+               title=f"Problem L.1 dx={dx} dy={dy}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.out_dir / f"f2cba_l1_o2nc{args.tag}.png", dpi=110)
+        plt.close(fig)
+    return "\n".join(lines), rows
+
+
 def _plt():
     import matplotlib
 
@@ -618,7 +752,20 @@ def plot_alpha(args, rows, curves, dys, alpha2s):
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--exp", choices=["loss", "timing", "alpha", "all"], default="all")
+    parser.add_argument("--exp", choices=["loss", "timing", "alpha", "dys", "o2nc", "all"],
+                        default="all", help="'all' = loss, timing, alpha; 'dys' = exp1 at "
+                        "every d_y of the paper over seeds; 'o2nc' = O2NC and zeroth order "
+                        "on a small instance")
+    parser.add_argument("--num-seeds", type=int, default=10, help="seeds of --exp dys "
+                        "(1..N) when --seeds gives one")
+    parser.add_argument("--large-steps", type=int, default=100,
+                        help="steps of --exp dys at dy >= 500")
+    parser.add_argument("--o2nc-size", type=int, nargs=2, default=[10, 20])
+    parser.add_argument("--o2nc-steps", type=int, default=200)
+    parser.add_argument("--o2nc-keys", type=int, default=2)
+    parser.add_argument("--o2nc-only", nargs="+", default=None,
+                        help="run only the methods whose name contains one of these (and the "
+                        "reference)")
     parser.add_argument("--dy", type=int, nargs="+", default=None,
                         help="sizes (default: loss 200; timing 100 200 500 800 1000; "
                              "alpha 100 200)")
@@ -674,7 +821,8 @@ def main(argv=None):
     """Run the experiments chosen by ``--exp``; returns ``{exp: (table, results)}``."""
     args = parse(argv)
     chosen = ["loss", "timing", "alpha"] if args.exp == "all" else [args.exp]
-    experiments = dict(loss=exp_loss, timing=exp_timing, alpha=exp_alpha)
+    experiments = dict(loss=exp_loss, timing=exp_timing, alpha=exp_alpha, dys=exp_dys,
+                       o2nc=exp_o2nc)
     out = {}
     for name in chosen:
         t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from bilevel_jax._src.minimax import duality_gap as duality_gap
 from bilevel_jax._src.minimax import saddle_point as saddle_point
 from bilevel_jax._src.penalty_minimax import KKTResiduals as KKTResiduals
 from bilevel_jax._src.penalty_minimax import LagrangianMinimax as LagrangianMinimax
+from bilevel_jax._src.penalty_minimax import LagrangianSolution as LagrangianSolution
 from bilevel_jax._src.penalty_minimax import PenaltyMinimaxSolution as PenaltyMinimaxSolution
 from bilevel_jax._src.penalty_minimax import bilevel_minimax_kkt as bilevel_minimax_kkt
 from bilevel_jax._src.penalty_minimax import lagrangian_minimax as lagrangian_minimax
@@ -34,6 +35,7 @@ from bilevel_jax._src.projections import NonNegative as NonNegative
 from bilevel_jax._src.projections import Simplex as Simplex
 from bilevel_jax._src.qp import QPSolution as QPSolution
 from bilevel_jax._src.qp import solve_qp as solve_qp
+from bilevel_jax._src.smoothing import linear_perturbation as linear_perturbation
 from bilevel_jax._src.smoothing import perturb_linear as perturb_linear
 from bilevel_jax._src.types import Info as Info
 from bilevel_jax._src.types import Solution as Solution
@@ -54,6 +56,7 @@ __all__ = [
     "Info",
     "KKTResiduals",
     "LagrangianMinimax",
+    "LagrangianSolution",
     "NonNegative",
     "PenaltyMinimaxSolution",
     "QPSolution",
@@ -70,6 +73,7 @@ __all__ = [
     "discrete",
     "duality_gap",
     "lagrangian_minimax",
+    "linear_perturbation",
     "penalty_bilevel_minimax",
     "perturb_linear",
     "problems",

@@ -105,6 +105,34 @@ def test_f2cba_o2nc_problem_17():
     assert jnp.all(jnp.linalg.norm(jnp.diff(hist.x, axis=0), axis=1) <= 0.05 * 2 + 1e-12)
 
 
+def test_f2cba_o2nc_random_output_rule_is_uniform_over_blocks():
+    """output_rule="random" (the theory's O2NC output): a completed block's average drawn
+    uniformly (reservoir sampling); "best" returns the block with the smallest mean gradient.
+    400 keys, 8 steps in blocks of 2 -> 4 blocks, each chosen ~100 times."""
+    f = lambda x, y: jnp.sum((x - 1.0) ** 2) + y @ y  # noqa: E731
+    g = lambda y, x: 0.5 * y @ y - x @ y  # noqa: E731
+    keys = jax.random.split(KEY, 400)
+    x0 = jnp.asarray([3.0, -2.0])
+    outs = {}
+    for rule in ("random", "best"):
+        alg = f2cba(f, g, jnp.zeros(2), hypergrad="implicit", block_size=2, radius=0.5,
+                    learning_rate=0.1, output_rule=rule)
+        outs[rule] = jax.jit(jax.vmap(lambda k, alg=alg: alg.run(x0, k, 8)))(keys)
+    x, hist = outs["random"]
+    blocks = hist.x.reshape(400, 4, 2, 2).mean(axis=2)  # (keys, block, d)
+    dist = jnp.linalg.norm(blocks - x[:, None], axis=-1)
+    assert float(jnp.max(jnp.min(dist, axis=1))) < 1e-12  # the output is a block average
+    counts = np.bincount(np.asarray(jnp.argmin(dist, axis=1)), minlength=4)
+    assert np.all((counts > 60) & (counts < 140)), counts  # uniform: 100 each, sd ~ 8.7
+    x, hist = outs["best"]
+    blocks = hist.x.reshape(400, 4, 2, 2).mean(axis=2)
+    mean_grad = jnp.linalg.norm(hist.grad.reshape(400, 4, 2, 2).mean(axis=2), axis=-1)
+    best = blocks[jnp.arange(400), jnp.argmin(mean_grad, axis=1)]
+    tree_allclose(x, best, rtol=1e-12)
+    with pytest.raises(ValueError, match="output_rule"):
+        f2cba(P17_ROWS, output_rule="last")
+
+
 def test_zeroth_order_problem_17():
     alg = zeroth_order(P17, radius=0.05, block_size=20, learning_rate=0.05, num_directions=4)
     x, hist = _jit_run(alg)(P17.x0, KEY, 400)

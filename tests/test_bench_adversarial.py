@@ -46,7 +46,7 @@ _evaluate = jax.jit(lambda p, data, eps, key: bench.evaluate(p, data, eps, key, 
                                                              restarts=1))
 
 
-@pytest.mark.parametrize("method", ["erm", "at", "ssigd"])
+@pytest.mark.parametrize("method", ["erm", "at", "trades", "ssigd"])
 def test_every_method_trains_above_chance(digits32, method):
     train_data, test_data = digits32
     eps = 0.1
@@ -63,7 +63,7 @@ def test_every_method_trains_above_chance(digits32, method):
     assert 0.0 <= ra <= sa
     if method == "ssigd":  # the lower level ran (at most 10 projected-gradient steps)
         assert 1 <= np.min(ll_steps) and np.max(ll_steps) <= 10
-    if method == "at":  # adversarial training is robust beyond a clean model's level
+    if method in ("at", "trades"):  # robust beyond a clean model's level
         assert ra > 0.2
 
 
@@ -170,6 +170,50 @@ def test_per_example_perturbation_is_perturb_linear(tiny64):
     np.testing.assert_allclose(jax.jit(jax.grad(g_q))(y0, params)
                                - jax.jit(jax.grad(plain))(y0, params), q, atol=1e-12)
     assert 0.2 < float(jnp.std(q)) < 0.4
+
+
+def test_per_example_vmap_recipe_isolates_a_bad_example(tiny64, tiny_fns):
+    """bench.per_example_exact_grad (vmap over examples, own solve/CG/status each): with all
+    examples good it equals the batch-wide exact rule; with a NaN in example 0 the batch-wide
+    gradient is NaN everywhere while the recipe drops example 0 only and returns the gradient
+    of the other five."""
+    params, x, labels, q, y0 = tiny64
+    lam = 2.0
+    kw = dict(eps=EPS, lam=lam, inner_steps=20000, tol=1e-13)
+    recipe = jax.jit(lambda x, labels, q, y0: bench.per_example_exact_grad(
+        params, x, labels, q, y0, **kw))
+    value, grads, ok = recipe(x, labels, q, y0)
+    (batch_value, _), batch_grads = tiny_fns(params, lam, "exact")
+    assert bool(jnp.all(ok))
+    np.testing.assert_allclose(value, batch_value, rtol=1e-10)
+    np.testing.assert_allclose(_flat(grads), _flat(batch_grads), rtol=1e-7, atol=1e-10)
+
+    bad = x.at[0, 5].set(jnp.nan)
+    _, batch_bad = jax.jit(jax.value_and_grad(lambda p: bench.ssigd_objective(
+        p, bad, labels, q, y0, rule="exact", **kw)[0]))(params)
+    assert not np.any(np.isfinite(np.asarray(_flat(batch_bad))))
+    value, grads, ok = recipe(bad, labels, q, y0)
+    np.testing.assert_array_equal(np.asarray(ok), [False] + [True] * 5)
+    value5, grads5, _ = recipe(x[1:], labels[1:], q[1:], y0[1:])
+    np.testing.assert_allclose(value, value5, rtol=1e-12)
+    np.testing.assert_allclose(_flat(grads), _flat(grads5), rtol=1e-12, atol=1e-14)
+
+
+def test_public_linear_perturbation():
+    """bj.linear_perturbation (public) is the draw of bj.perturb_linear and of the script."""
+    import bilevel_jax as bj
+
+    assert bench.linear_perturbation is bj.linear_perturbation
+    y = jnp.zeros((500, 64))
+    q = bj.linear_perturbation(jax.random.PRNGKey(0), y, 0.1)
+    assert q.shape == y.shape and 0.095 < float(jnp.std(q)) < 0.105
+    g_q = bj.perturb_linear(lambda y, t: 0.0 * jnp.sum(y), jax.random.PRNGKey(0), 0.1)
+    np.testing.assert_allclose(jax.grad(g_q)(y, None), q, rtol=1e-12)
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    qs = jax.vmap(lambda k, y: bj.linear_perturbation(k, y, 2.0, "sphere"))(keys, y[:4])
+    np.testing.assert_allclose(jnp.linalg.norm(qs, axis=1), 2.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="distribution"):
+        bj.linear_perturbation(keys[0], y, 1.0, "uniform")
 
 
 def test_findings_report_each_claim():

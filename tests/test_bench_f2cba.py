@@ -70,3 +70,31 @@ def test_small_timing_experiment(tmp_path):
         assert np.isfinite(cvx["median"]) and cvx["median"] > 0
         assert np.isfinite(row["x_cvx"]) and row["x_cvx"] > 0
     assert (tmp_path / "f2cba_l1_timing.txt").read_text().startswith("exp2")
+
+
+def test_small_dys_experiment(tmp_path):
+    """--exp dys at two sizes and two seeds: F2CBA's loss falls on every seed, all solves ok."""
+    argv = ["--small", "--exp", "dys", "--dy", "5", "20", "--seeds", "1", "2",
+            "--out-dir", str(tmp_path), "--no-plot"]
+    _, rows = f2cba_l1.main(argv)["dys"]
+    assert [r["dy"] for r in rows] == [5, 20]
+    for r in rows:
+        assert r["steps"] == 5 and r["bad"] == 0 and r["at"][0].shape == (2,)
+        assert np.all(np.isfinite(r["final"])) and np.all(r["final"] < r["at"][0])
+    assert (tmp_path / "f2cba_l1_dys.txt").read_text().startswith("exp1 at every d_y")
+
+
+def test_small_o2nc_experiment(tmp_path):
+    """--exp o2nc, reduced: O2NC with the penalty oracle (random output block) and the
+    zeroth-order method lower F from x0 like the exact-rule reference."""
+    argv = ["--small", "--exp", "o2nc", "--o2nc-steps", "20", "--o2nc-keys", "1",
+            "--o2nc-size", "4", "10", "--o2nc-only", "penalty, random", "zeroth order O2NC, best",
+            "--out-dir", str(tmp_path), "--no-plot"]
+    _, rows = f2cba_l1.main(argv)["o2nc"]
+    assert [r["name"] for r in rows] == ["exact rule, Adam (reference)",
+                                         "O2NC F2CBA penalty, random block",
+                                         "zeroth order O2NC, best block"]
+    problem, _ = f2cba_l1.bj.problems.kornowski_l1(seed=1, dim_x=4, dim_y=10)
+    f0 = float(problem.value(problem.x0))
+    for r in rows:
+        assert r["bad"] == 0 and np.all(np.isfinite(r["F"])) and np.all(r["F"] < f0)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import bilevel_jax as bj
 from bilevel_jax._src.penalty_minimax import (
     bilevel_minimax_kkt,
     lagrangian_minimax,
@@ -149,6 +150,39 @@ def test_t5_lagrangian_saddle_point_and_its_jacobian():
         tree_allclose(jac[i], expected, rtol=1e-9, atol=1e-10)
         assert int(sol.info.status[i]) == Status.SUCCESS
         assert 0 <= float(sol.info.gap[i]) <= 1e-12
+
+
+def test_defect14_lagrangian_multiplier_bound_is_checked():
+    """lam_max below ||lam*|| (T5 at x* has lam* = 0.5): the saddle is that of the exact
+    penalty y = x - 0.25 (1, 1), infeasible for y1 + y2 <= 1; it used to come back SUCCESS.
+    Now bound_active, INFEASIBLE, a positive violation and NaN cotangents; with lam_max = 5 the
+    same point is SUCCESS and the bound inactive. Also usable on a penalty result's y2."""
+    small = lagrangian_minimax(t5_g, t5_c, jnp.zeros(2), jnp.zeros(2), lam_max=0.25)
+    x = jnp.asarray([1.75, 0.25])
+
+    @jax.jit
+    def run(x):
+        out = []
+        for lag in (small, LAG):
+            sol = lag.solve(x, jnp.zeros(2))
+            grad = jax.grad(lambda x, lag=lag: lag.solve(x, jnp.zeros(2)).u[0])(x)
+            out.append((sol, grad))
+        return out
+
+    (bad, bad_grad), (good, good_grad) = run(x)
+    assert bool(bad.bound_active) and int(bad.info.status) == Status.INFEASIBLE
+    assert not bool(bad.info.converged)
+    tree_allclose(bad.u, np.asarray([1.5, 0.0]), rtol=1e-8, atol=1e-9)  # x - 0.25 (1, 1)
+    tree_allclose(bad.v, np.asarray([0.25]))
+    tree_allclose(bad.max_violation, 0.5, rtol=1e-8)
+    assert np.all(np.isnan(np.asarray(bad_grad)))
+    assert not bool(good.bound_active) and int(good.info.status) == Status.SUCCESS
+    tree_allclose(good.max_violation, 0.0, atol=1e-9)
+    tree_allclose(good_grad, np.asarray([0.5, -0.5]), rtol=1e-8)  # row 0 of I - aa'/2
+    assert bool(small.bound_active(jnp.asarray([0.25]))) and not bool(
+        LAG.bound_active(jnp.asarray([0.5])))
+    with pytest.raises(bj.SolveError):
+        small.solve(x, jnp.zeros(2), throw=True)
 
 
 def test_t5_upper_level_descent_reaches_the_bilevel_solution():

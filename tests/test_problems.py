@@ -49,6 +49,23 @@ def test_kink_problem():
     tree_allclose(grad(0.9), 2.0, rtol=1e-8)
 
 
+def test_kink_problem_carries_its_upper_domain():
+    """The kink's X = [0, 1] travels with the problem: dsigd/ssigd stay in it and reach x = 0
+    (F = sqrt(0.6)); before, dsigd ran off to x = -49.5 in 50 steps."""
+    prob = bj.problems.kink()
+    assert isinstance(prob.projection, bj.Box)
+    key = jax.random.PRNGKey(0)
+    for alg in (bj.algorithms.dsigd(prob), bj.algorithms.ssigd(prob, learning_rate=0.1)):
+        x, hist = jax.jit(alg.run, static_argnums=2)(prob.x0, key, 50)
+        xs = np.asarray(hist.x)
+        assert np.all((xs >= 0.0) & (xs <= 1.0))
+        tree_allclose(x, 0.0, atol=1e-12)
+        tree_allclose(prob.value(x), np.sqrt(0.6), rtol=1e-8)
+    # An explicit projection still overrides the problem's own.
+    x, _ = bj.algorithms.dsigd(prob, projection=bj.Box(0.2, 1.0)).run(prob.x0, key, 20)
+    tree_allclose(x, 0.2, atol=1e-12)
+
+
 def test_kornowski_l1_draws_and_hypergradients():
     prob, data = bj.problems.kornowski_l1(seed=1, dim_x=10, dim_y=20)
     assert data["A"].shape == (4, 20) and data["P"].shape == (10, 20)

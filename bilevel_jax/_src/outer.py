@@ -92,8 +92,11 @@ class O2NCState(NamedTuple):
       sum_z: sum of the evaluation points ``z_t`` of the current block.
       sum_grad: sum of the gradient estimates of the current block.
       block_count: steps in the current block (``int32``).
-      best_x: the block average ``x_bar_k`` with the smallest ``||mean g||`` so far.
-      best_grad_norm: that smallest ``||mean g||`` (``inf`` before the first full block).
+      best_x: the output candidate: the block average ``x_bar_k`` with the smallest
+        ``||mean g||`` so far (``output_rule="best"``), or a block average drawn uniformly
+        from the blocks completed so far (``"random"``, by reservoir sampling).
+      best_grad_norm: that block's ``||mean g||`` (``inf`` before the first full block).
+      num_blocks: blocks completed so far (``int32``).
     """
 
     delta: PyTree
@@ -102,6 +105,7 @@ class O2NCState(NamedTuple):
     block_count: Array
     best_x: PyTree
     best_grad_norm: Array
+    num_blocks: Array = 0
 
 
 class StepInfo(NamedTuple):
@@ -228,6 +232,13 @@ def _make_projection(projection):
         "projection must be None, a set with a project() method (e.g. bj.Box, bj.Simplex) or "
         f"a callable x -> Proj_X(x), got {type(projection).__name__}."
     )
+
+
+def _problem_projection(f, projection):
+    """A :class:`BilevelProblem`'s upper-level domain when no ``projection`` is passed."""
+    if projection is None and isinstance(f, BilevelProblem):
+        return f.projection
+    return projection
 
 
 def _unpack(f, g, y0, eq, ineq, box):
@@ -562,8 +573,9 @@ def ssigd(
       box: ``box(x) -> (lo, hi)``.
       learning_rate: step ``eta`` of the default optimizer ``optax.sgd(learning_rate)``.
       optimizer: any ``optax.GradientTransformation`` (overrides ``learning_rate``).
-      projection: the upper-level set ``X``: ``None`` (``R^d``), a set (``bj.Box``,
-        ``bj.Simplex``, ...) or a callable ``x -> Proj_X(x)``.
+      projection: the upper-level set ``X``: ``None`` (``R^d``, or the problem's own
+        ``projection`` when ``f`` is a :class:`~bilevel_jax.problems.BilevelProblem`), a set
+        (``bj.Box``, ``bj.Simplex``, ...) or a callable ``x -> Proj_X(x)``.
       perturbation_scale: scale of ``q`` (0 disables the smoothing: plain implicit gradient
         descent).
       distribution: ``"sphere"`` (``||q|| = scale``, the SIGD comparison code) or
@@ -594,6 +606,7 @@ def ssigd(
       Khanduri, Tsaknakis, Zhang, Liu, Liu, Zhang, Hong. Linearly Constrained Bilevel
       Optimization: A Smoothed Implicit Gradient Approach. ICML 2023, Algorithms 2 and 3.
     """
+    projection = _problem_projection(f, projection)
     f, g, y0, eq, ineq, box = _unpack(f, g, y0, eq, ineq, box)
     optimizer = optax.sgd(learning_rate) if optimizer is None else optimizer
     _check_positive("learning_rate", learning_rate)
@@ -712,6 +725,7 @@ def dsigd(
       Khanduri et al. Linearly Constrained Bilevel Optimization: A Smoothed Implicit Gradient
       Approach. ICML 2023, Algorithm 1 and Theorem 1.
     """
+    projection = _problem_projection(f, projection)
     f, g, y0, eq, ineq, box = _unpack(f, g, y0, eq, ineq, box)
     optimizer = optax.sgd(1.0) if optimizer is None else optimizer
     _check_common(optimizer, hypergrad, alpha, delta, lower_steps, lower_step_size,
@@ -777,7 +791,12 @@ def dsigd(
     return _build(init, step, lambda state: state.x)
 
 
-def _o2nc(oracle, y0, *, optimizer, projection, radius, block_size):
+#: O2NC's output rules: the block average with the smallest mean gradient, or the theory's
+#: uniformly random block average.
+OUTPUT_RULES = ("best", "random")
+
+
+def _o2nc(oracle, y0, *, optimizer, projection, radius, block_size, output_rule="best"):
     """The O2NC loop around ``oracle(z, y_warm, key, batch)``."""
     proj = _make_projection(projection)
 
@@ -788,7 +807,7 @@ def _o2nc(oracle, y0, *, optimizer, projection, radius, block_size):
         x0 = proj(x0)
         zeros = jax.tree_util.tree_map(jnp.zeros_like, x0)
         extra = O2NCState(zeros, zeros, zeros, jnp.zeros((), jnp.int32), x0,
-                          jnp.asarray(jnp.inf, dtype))
+                          jnp.asarray(jnp.inf, dtype), jnp.zeros((), jnp.int32))
         return State(x0, y, opt_state, key, jnp.zeros((), jnp.int32), extra)
 
     def step(state, *batch):
@@ -810,13 +829,18 @@ def _o2nc(oracle, y0, *, optimizer, projection, radius, block_size):
         count = o.block_count + 1
         full = count == block_size
         mean_norm = _tree_norm(sum_grad) / block_size
-        better = full & (mean_norm < o.best_grad_norm)
+        num_blocks = o.num_blocks + full.astype(jnp.int32)
+        if output_rule == "random":  # reservoir sampling: block k kept w.p. 1/k
+            u = jax.random.uniform(jax.random.fold_in(s_key, 1), (), _x_dtype(x_prev))
+            better = full & (u * num_blocks.astype(u.dtype) < 1)
+        else:
+            better = full & (mean_norm < o.best_grad_norm)
         best_x = _select(better, jax.tree_util.tree_map(lambda a: a / block_size, sum_z),
                          o.best_x)
         zeros = jax.tree_util.tree_map(jnp.zeros_like, sum_z)
         extra = O2NCState(delta, _select(full, zeros, sum_z), _select(full, zeros, sum_grad),
                           jnp.where(full, 0, count).astype(jnp.int32), best_x,
-                          jnp.where(better, mean_norm, o.best_grad_norm))
+                          jnp.where(better, mean_norm, o.best_grad_norm), num_blocks)
         new = State(x, y, opt_state, key, state.count + 1, extra)
         kept = state._replace(key=key, count=state.count + 1)
         return _select(finite, new, kept), info
@@ -828,9 +852,10 @@ def _o2nc(oracle, y0, *, optimizer, projection, radius, block_size):
     return _build(init, step, output)
 
 
-def _check_o2nc(radius, block_size):
+def _check_o2nc(radius, block_size, output_rule="best"):
     _check_positive("radius", radius)
     _check_int("block_size", block_size, 1)
+    check_option("output_rule", output_rule, OUTPUT_RULES)
 
 
 def f2cba(
@@ -850,6 +875,7 @@ def f2cba(
     block_size: int = 10,
     hypergrad: str = "penalty",
     lower_kwargs: dict | None = None,
+    output_rule: str = "best",
 ) -> Algorithm:
     r"""F2CBA: first-order (Hessian-free) methods with the penalty hypergradient oracle.
 
@@ -866,7 +892,8 @@ def f2cba(
         x_t = Proj_X(x_{t-1} + Delta_t),  z_t = x_{t-1} + s_t (x_t - x_{t-1}),  s_t ~ U[0, 1]
         Delta_{t+1} = clip_D(Delta_t + u_t)   (u_t = optimizer update of grad~F(z_t); -eta g)
         x_bar_k = mean of z_t over block k (block_size M); output the x_bar_k with the
-        smallest ||mean g||
+        smallest ||mean g|| (output_rule="best"), or, as in the theory, an x_bar_k drawn
+        uniformly from the completed blocks (output_rule="random")
 
     Guidance (derived from the rate): for ``(delta, eps)``-Goldstein stationarity take
     ``alpha ~ eps``, ``M ~ L_F^2/eps^2``, ``D ~ delta eps^2 / L_F^2`` (so ``D M ~ delta``),
@@ -897,10 +924,14 @@ def f2cba(
       block_size: O2NC's ``M``.
       hypergrad: ``"penalty"`` (F2CBA) or ``"implicit"`` (the exact rule, for comparison).
       lower_kwargs: extra :func:`~bilevel_jax.argmin` options.
+      output_rule: O2NC's output: ``"best"`` (default; the block average with the smallest
+        mean gradient estimate, a practical choice) or ``"random"`` (the rule the guarantee
+        is proved for: a block average drawn uniformly from the completed blocks, kept by
+        reservoir sampling with the step's key).
 
     Returns:
       An :class:`Algorithm` (O2NC: ``State.extra`` is an :class:`O2NCState`, ``output`` the
-      best block average).
+      block average chosen by ``output_rule``).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -917,6 +948,7 @@ def f2cba(
       Bilevel Optimization. NeurIPS 2024 (Algorithm 3, the O2NC conversion of Cutkosky,
       Mehta, Orabona 2023; code ``guaguakai/constrained-bilevel-optimization``, branch ``ffo``).
     """
+    projection = _problem_projection(f, projection)
     f, g, y0, eq, ineq, box = _unpack(f, g, y0, eq, ineq, box)
     check_option("method", method, F2CBA_METHODS)
     if learning_rate is None:
@@ -930,7 +962,7 @@ def f2cba(
                         projection=projection, hypergrad=hypergrad, alpha=alpha, delta=1e-4,
                         lower_steps=None, lower_step_size=0.1, lower_kwargs=lower_kwargs,
                         perturbation=None)
-    _check_o2nc(radius, block_size)
+    _check_o2nc(radius, block_size, output_rule)
     lower = _make_lower(g, eq, ineq, box, hypergrad=hypergrad, alpha=alpha, delta=1e-4,
                         lower_steps=None, lower_step_size=0.1, lower_kwargs=lower_kwargs)
 
@@ -940,7 +972,7 @@ def f2cba(
         return lower, value, grad, y, res, status
 
     return _o2nc(oracle, y0, optimizer=optimizer, projection=projection, radius=radius,
-                 block_size=block_size)
+                 block_size=block_size, output_rule=output_rule)
 
 
 def zeroth_order(
@@ -959,6 +991,7 @@ def zeroth_order(
     radius: float = 0.1,
     block_size: int = 10,
     lower_kwargs: dict | None = None,
+    output_rule: str = "best",
 ) -> Algorithm:
     r"""Zeroth-order F2CBA: O2NC with a two-point spherical estimator.
 
@@ -991,6 +1024,7 @@ def zeroth_order(
       radius: O2NC's ``D``.
       block_size: O2NC's ``M``.
       lower_kwargs: extra :func:`~bilevel_jax.argmin` options.
+      output_rule: ``"best"`` or ``"random"`` (see :func:`f2cba`).
 
     Returns:
       An :class:`Algorithm`; ``StepInfo.value`` is the mean of the two values.
@@ -1009,13 +1043,14 @@ def zeroth_order(
       Stochastic Non-smooth Non-convex Optimization through Online-to-Non-convex Conversion.
       ICML 2023.
     """
+    projection = _problem_projection(f, projection)
     f, g, y0, eq, ineq, box = _unpack(f, g, y0, eq, ineq, box)
     optimizer = optax.sgd(learning_rate) if optimizer is None else optimizer
     _check_positive("learning_rate", learning_rate)
     _check_common(optimizer, "implicit", 1e-3, 1e-4, None, 0.1, lower_kwargs)
     _check_positive("smoothing_radius", smoothing_radius)
     _check_int("num_directions", num_directions, 1)
-    _check_o2nc(radius, block_size)
+    _check_o2nc(radius, block_size, output_rule)
     lower = _make_lower(g, eq, ineq, box, hypergrad="implicit", alpha=1e-3, delta=1e-4,
                         lower_steps=None, lower_step_size=0.1, lower_kwargs=lower_kwargs)
 
@@ -1039,7 +1074,7 @@ def zeroth_order(
         return lower, jnp.mean(vals), grad, y, jnp.zeros((), flat.dtype), status
 
     return _o2nc(oracle, y0, optimizer=optimizer, projection=projection, radius=radius,
-                 block_size=block_size)
+                 block_size=block_size, output_rule=output_rule)
 
 
 def equality_gd(
@@ -1105,6 +1140,7 @@ def equality_gd(
     if eq is None or not callable(eq):
         raise TypeError("eq must be a callable x -> (A, b) giving the lower-level equality "
                         "constraints A y = b.")
+    projection = _problem_projection(f, projection)
     f, g, y0, eq, ineq, box = _unpack(f, g, y0, eq, None, None)
     if ineq is not None or box is not None:
         raise ValueError("equality_gd handles equality constraints only; the problem has "

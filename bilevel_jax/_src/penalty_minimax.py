@@ -49,12 +49,21 @@ from bilevel_jax._src.projections import (
     sets_empty,
 )
 from bilevel_jax._src.tree import tree_all_finite
-from bilevel_jax._src.types import Array, Info, PyTree, Status, check_info, make_info
+from bilevel_jax._src.types import (
+    Array,
+    Info,
+    PyTree,
+    Status,
+    check_info,
+    is_successful,
+    make_info,
+)
 from bilevel_jax._src.validation import flatten_variables
 
 __all__ = [
     "KKTResiduals",
     "LagrangianMinimax",
+    "LagrangianSolution",
     "PenaltyMinimaxSolution",
     "bilevel_minimax_kkt",
     "lagrangian_minimax",
@@ -66,6 +75,50 @@ INNER_SOLVERS = ("gdmax", "extragradient")
 
 # --------------------------------------------------------------------------------------------
 # Lagrangian reduction of a constrained lower level.
+
+
+class LagrangianSolution(NamedTuple):
+    """Result of :meth:`LagrangianMinimax.solve`: a :class:`SaddleSolution` plus the bound check.
+
+    Attributes:
+      u: ``y*(x)``, with the structure of ``y0``.
+      v: the multipliers ``lam*(x)``, shape ``(m,)``.
+      info: the :class:`SaddleInfo` of :func:`saddle_point`, except that ``status`` is
+        ``INFEASIBLE`` (and ``converged`` false, cotangents NaN) when ``bound_active``.
+      bound_active: whether some multiplier sits at its bound ``lam_max`` (to a relative
+        ``sqrt(eps)``). Then the point is the saddle of the exact-penalty problem
+        ``g + lam_max sum_i max(0, c_i)``, which is the constrained solution only if
+        ``lam_max >= ||lam*||_inf``: either ``lam_max`` is too small (raise it) or the
+        constraints have no feasible (Slater) point.
+      max_violation: ``max_i c_i(x, y)`` at the returned ``y`` (``<= 0`` when feasible): with
+        the bound active and a positive violation the point is not feasible for the
+        constrained lower level.
+    """
+
+    u: PyTree
+    v: Array
+    info: minimax.SaddleInfo
+    bound_active: Array
+    max_violation: Array
+
+
+@jax.custom_vjp
+def _nan_cotangent_if(flag, tree):
+    """Identity on ``tree``; its cotangent is NaN where ``flag`` is true."""
+    return tree
+
+
+def _nan_cotangent_if_fwd(flag, tree):
+    return tree, flag
+
+
+def _nan_cotangent_if_bwd(flag, cotangent):
+    out = jax.tree_util.tree_map(
+        lambda a: jnp.where(flag, jnp.asarray(jnp.nan, a.dtype), a), cotangent)
+    return None, out
+
+
+_nan_cotangent_if.defvjp(_nan_cotangent_if_fwd, _nan_cotangent_if_bwd)
 
 
 class LagrangianMinimax(NamedTuple):
@@ -80,11 +133,25 @@ class LagrangianMinimax(NamedTuple):
         ``y2_set = lam_set``).
       lam_set: the box ``[0, lam_max]`` of the multipliers.
       num_constraints: ``m``, the length of ``c``.
+      constraints: ``c(x, y, theta) -> (m,)``, the constraint function.
     """
 
     lagrangian: Callable
     lam_set: Box
     num_constraints: int
+    constraints: Callable | None = None
+
+    def bound_active(self, lam: Array) -> Array:
+        """Whether some multiplier of ``lam`` is at its bound ``lam_max``.
+
+        The test is relative, ``lam_i >= lam_max (1 - sqrt(eps))`` in ``lam``'s dtype; a true
+        result means ``lam_max`` may be too small (see :class:`LagrangianSolution`). Use it
+        on the ``y2`` of a :func:`penalty_bilevel_minimax` result too.
+        """
+        lam = jnp.asarray(lam)
+        hi = jnp.asarray(self.lam_set.hi, lam.dtype)
+        rtol = jnp.sqrt(jnp.finfo(lam.dtype).eps)
+        return jnp.any(lam >= hi * (1 - rtol))
 
     def saddle(self, y: PyTree, lam: Array, params: tuple) -> Array:
         """``L`` in the ``f(u, v, theta)`` form of ``saddle_point``, ``params = (x, theta)``."""
@@ -93,23 +160,41 @@ class LagrangianMinimax(NamedTuple):
 
     def solve(
         self, x: PyTree, y0: PyTree, theta: PyTree = None, **kwargs
-    ) -> minimax.SaddleSolution:
+    ) -> LagrangianSolution:
         """Solve the lower level at ``x`` with :func:`saddle_point` (differentiable in ``x``).
+
+        The multiplier bound is checked: if some ``lam_i`` sits at ``lam_max`` the status is
+        ``INFEASIBLE`` (NaN cotangents; ``throw=True`` raises) and ``bound_active`` is true,
+        since the saddle is then that of the exact-penalty problem, not necessarily the
+        constrained solution (see :class:`LagrangianSolution`).
 
         Args:
           x: the upper-level variable.
           y0: warm start of ``y``; the multipliers start at 0.
           theta: further parameters of ``g`` and ``c``.
-          **kwargs: options of :func:`saddle_point` (``solver``, ``tol``, ...).
+          **kwargs: options of :func:`saddle_point` (``solver``, ``tol``, ``throw``, ...).
 
         Returns:
-          A :class:`SaddleSolution` with ``u = y*(x)`` and ``v = lam*(x)``.
+          A :class:`LagrangianSolution` with ``u = y*(x)`` and ``v = lam*(x)``.
         """
+        throw = kwargs.pop("throw", False)
         dtype = jnp.result_type(*jax.tree_util.tree_leaves(y0))
         lam0 = jnp.zeros((self.num_constraints,), dtype)
-        return minimax.saddle_point(
+        sol = minimax.saddle_point(
             self.saddle, y0, lam0, (x, theta), v_set=self.lam_set, **kwargs
         )
+        active = self.bound_active(jax.lax.stop_gradient(sol.v))
+        if self.constraints is None:
+            violation = jnp.asarray(jnp.nan, dtype)
+        else:
+            violation = jnp.max(jax.lax.stop_gradient(
+                self.constraints(x, sol.u, theta))).astype(dtype)
+        ok = is_successful(sol.info.status)
+        status = jnp.where(ok & active, Status.INFEASIBLE, sol.info.status).astype(jnp.int32)
+        info = sol.info._replace(converged=sol.info.converged & ~active, status=status)
+        check_info(info, throw)
+        u, v = _nan_cotangent_if(active, (sol.u, sol.v))
+        return LagrangianSolution(u, v, info, active, violation)
 
 
 def lagrangian_minimax(
@@ -138,6 +223,10 @@ def lagrangian_minimax(
       y: example lower-level variable (for shape checking).
       theta: example parameters.
       lam_max: the multiplier bound ``Lambda > sup_x ||lam*(x)||_inf`` (scalar or ``(m,)``).
+        It is checked at each solution: :meth:`LagrangianMinimax.solve` reports a multiplier
+        at the bound as ``INFEASIBLE`` with ``bound_active`` set, and
+        :meth:`LagrangianMinimax.bound_active` tests the ``y2`` of a
+        :func:`penalty_bilevel_minimax` result.
 
     Returns:
       A :class:`LagrangianMinimax`.
@@ -180,7 +269,7 @@ def lagrangian_minimax(
     def lagrangian(x_, y_, lam, theta_):
         return g(x_, y_, theta_) + jnp.asarray(lam) @ c(x_, y_, theta_)
 
-    return LagrangianMinimax(lagrangian, Box(0.0, lam_max), m)
+    return LagrangianMinimax(lagrangian, Box(0.0, lam_max), m, c)
 
 
 # --------------------------------------------------------------------------------------------

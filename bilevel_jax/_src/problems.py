@@ -9,13 +9,13 @@ point ``x0``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
 from bilevel_jax._src.argmin import argmin
-from bilevel_jax._src.projections import Simplex
+from bilevel_jax._src.projections import Box, Simplex
 from bilevel_jax._src.types import Array, Solution
 
 
@@ -30,6 +30,10 @@ class BilevelProblem(NamedTuple):
       ineq: ``ineq(x) -> (G, h)`` for ``G y <= h``, or ``None``.
       box: ``box(x) -> (lo, hi)``, or ``None``.
       eq: ``eq(x) -> (A, b)`` for ``A y = b``, or ``None``.
+      projection: the upper-level domain ``X`` (a set such as :class:`~bilevel_jax.Box`, or
+        a callable ``x -> Proj_X(x)``), or ``None`` for ``R^d``. The algorithms of
+        :mod:`bilevel_jax.algorithms` project onto it when they are given the problem and
+        no ``projection`` of their own.
     """
 
     f: Callable
@@ -39,6 +43,7 @@ class BilevelProblem(NamedTuple):
     ineq: Callable | None = None
     box: Callable | None = None
     eq: Callable | None = None
+    projection: Any = None
 
     def lower(self, x, **kwargs) -> Solution:
         """Solve the lower level at ``x`` with :func:`~bilevel_jax.argmin` (differentiable)."""
@@ -106,7 +111,9 @@ def kink() -> BilevelProblem:
     """SIGD's kink: ``min x + y*(x)``, ``y* = argmin_{sqrt(0.6) <= y <= 1} (y^2 - x^2)^2``.
 
     ``y*(x) = max(x, sqrt(0.6))`` on ``[0, 1]``: ``F`` has a kink at ``x = sqrt(0.6)``, with
-    ``dF/dx = 1`` below it and ``2`` above it.
+    ``dF/dx = 1`` below it and ``2`` above it. The upper-level domain is ``X = [0, 1]``
+    (``projection = Box(0, 1)``; outside it ``y*`` would leave the formula above), so the
+    minimiser is ``x = 0`` with ``F = sqrt(0.6)``.
     """
 
     def f(x, y):
@@ -115,7 +122,8 @@ def kink() -> BilevelProblem:
     def g(y, x):
         return (y[0] ** 2 - x**2) ** 2
 
-    return BilevelProblem(f, g, jnp.asarray(0.5), 1, box=lambda x: (jnp.sqrt(0.6), 1.0))
+    return BilevelProblem(f, g, jnp.asarray(0.5), 1, box=lambda x: (jnp.sqrt(0.6), 1.0),
+                          projection=Box(0.0, 1.0))
 
 
 def kornowski_l1(seed: int = 1, dim_x: int = 100, dim_y: int = 200, dist: str = "uniform"):

@@ -13,7 +13,40 @@ DISTRIBUTIONS = ("normal", "sphere")
 
 
 def linear_perturbation(key: Array, y: PyTree, scale: float, distribution: str = "normal"):
-    """Draw the perturbation ``q`` (a pytree like ``y``) used by :func:`perturb_linear`."""
+    r"""Draw the SIGD perturbation ``q``, a pytree like ``y``: :func:`perturb_linear`'s draw.
+
+    ``q`` depends only on ``key`` and on the shapes and dtypes of ``y``'s leaves (the values
+    of ``y`` are ignored), so ``perturb_linear(g, key, scale)`` adds exactly
+    ``<linear_perturbation(key, y, scale), y>`` to ``g``. Use it directly when the
+    perturbation must be stored or indexed, e.g. in adversarial training with one lower level
+    per example: draw ``q_all = linear_perturbation(key, x_train, sigma)`` once for the whole
+    training set (``"normal"``: every entry is an independent ``N(0, sigma^2)``, so each
+    example's row is its own ``q_i``) and take ``q_all[batch_indices]`` at each step.
+
+    With ``distribution="sphere"`` the norm is that of the whole pytree (``||q|| = scale``
+    over all leaves); for one unit-norm ``q_i`` per example, ``jax.vmap`` over split keys:
+    ``jax.vmap(lambda k, y: linear_perturbation(k, y, scale, "sphere"))(keys, y_batch)``.
+
+    Args:
+      key: a ``jax.random`` key.
+      y: a pytree of floating arrays giving the shapes and dtypes of ``q``.
+      scale: ``"normal"``: the standard deviation ``sigma_q``; ``"sphere"``: the norm of ``q``.
+      distribution: ``"normal"`` (``q ~ N(0, scale^2 I)``) or ``"sphere"``
+        (``q = scale z / ||z||``, ``z ~ N(0, I)``).
+
+    Returns:
+      ``q``, with the structure, shapes and dtypes of ``y``.
+
+    Raises:
+      ValueError: for an unknown ``distribution``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import bilevel_jax as bj
+      >>> x_train = jnp.zeros((100, 64))  # 100 examples, one lower level y_i (64,) each
+      >>> q_all = bj.linear_perturbation(jax.random.PRNGKey(0), x_train, 0.1)
+      >>> q_batch = q_all[jnp.arange(8)]  # the q_i of a minibatch, fixed across epochs
+    """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
     leaves, treedef = jax.tree_util.tree_flatten(y)
