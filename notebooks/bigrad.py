@@ -221,7 +221,7 @@ assert control["single-level (solve_qp)"][0] < control["LQR"][0]
 #
 # * `identity` (straight-through), `interpolated` (Vlastelica et al., one extra solve; its
 #   step `lambda_` must be of the order of the costs' spread: with `lambda_ = 1` the shifted
-#   solve rarely changes and learning stalls near chance, with 10 it works), `perturbed`
+#   solve rarely changes and learning stalls near chance, with 30 it works), `perturbed`
 #   (Berthet et al., a Monte-Carlo average over noisy solves), and `relaxed` (the
 #   entropy-regularised problem, i.e. a softmax, differentiated exactly).
 #
@@ -230,6 +230,7 @@ assert control["single-level (solve_qp)"][0] < control["LQR"][0]
 
 # %%
 D_FEAT, N_ITEMS = 8, 5
+rng = np.random.default_rng(1)
 C_true = jnp.asarray(rng.normal(size=(N_ITEMS, D_FEAT)))
 z_train = jnp.asarray(rng.normal(size=(512, D_FEAT)))
 z_test = jnp.asarray(rng.normal(size=(512, D_FEAT)))
@@ -237,7 +238,7 @@ label = jax.vmap(bj.discrete.onehot_argmin)
 y_train, y_test = label(z_train @ C_true.T), label(z_test @ C_true.T)
 estimators = {
     "identity": bj.discrete.identity(bj.discrete.onehot_argmin),
-    "interpolated": bj.discrete.interpolated(bj.discrete.onehot_argmin, lambda_=10.0),
+    "interpolated": bj.discrete.interpolated(bj.discrete.onehot_argmin, lambda_=30.0),
     "perturbed": bj.discrete.perturbed(bj.discrete.onehot_argmin, sigma=0.5, num_samples=20),
     "relaxed (softmax)": bj.discrete.relaxed(temperature=0.5),
 }
