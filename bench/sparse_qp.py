@@ -44,7 +44,7 @@ def _args():
     ap.add_argument("--float32", action="store_true", help="also time and check float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-mpax", action="store_true")
-    ap.add_argument("--mpax-unroll", type=int, default=1000,
+    ap.add_argument("--mpax-unroll", type=int, default=0,
                     help="largest n for MPAX's unrolled gradient (0: never)")
     ap.add_argument("--mpax-unroll-iters", type=int, default=2000)
     ap.add_argument("--cvxpylayers-max", type=int, default=10000)
@@ -153,12 +153,26 @@ def reference(prob):
     rhs_c = np.concatenate([prob["b"], prob["h"][act_g]]) - Cfix @ yfix[fixed]
     rhs_y = prob["theta"][free] - Q[free][:, fixed] @ yfix[fixed]
     K = sp.bmat([[QF, CF.T], [CF, None]], format="csc")
-    sol_kkt = spla.spsolve(K, np.concatenate([rhs_y, rhs_c]))
+    # Chains of active slope rows between two fixed variables make the active rows linearly
+    # dependent (LICQ fails; y is unique, the multipliers are not): solve with -delta I on the
+    # multiplier block and refine against K (consistent systems converge to a solution).
+    m = C.shape[0]
+    reg = sp.bmat([[sp.csc_matrix((QF.shape[0], QF.shape[0])), None],
+                   [None, -1e-10 * sp.eye(m)]], format="csc")
+    lu = spla.splu((K + reg).tocsc())
+
+    def ksolve(r):
+        x = lu.solve(r)
+        for _ in range(10):
+            x = x + lu.solve(r - K @ x)
+        return x
+
+    sol_kkt = ksolve(np.concatenate([rhs_y, rhs_c]))
     y = yfix.copy()
     y[free] = sol_kkt[: free.sum()]
     # Adjoint: [QF CF'; CF 0] [w; mu] = [v_F; 0]; dL/dtheta = w (c = -theta, cbar = -w),
     # dL/dh_I = mu_I.
-    adj = spla.spsolve(K, np.concatenate([prob["w"][free], np.zeros(C.shape[0])]))
+    adj = ksolve(np.concatenate([prob["w"][free], np.zeros(m)]))
     dtheta = np.zeros(n)
     dtheta[free] = adj[: free.sum()]
     dh = np.zeros(n - 1)
@@ -275,11 +289,10 @@ def mpax_unrolled(prob, iters, reps):
 
     make = _mpax_problem(prob, jnp.float64)
     w = jnp.asarray(prob["w"])
-    solver = raPDHG(eps_abs=1e-12, eps_rel=1e-12, verbose=False, jit=False, unroll=True,
+    solver = raPDHG(eps_abs=1e-12, eps_rel=1e-12, verbose=False, jit=True, unroll=True,
                     iteration_limit=iters)
 
-    @jax.jit
-    def both(theta, h):
+    def both(theta, h):  # MPAX jits its own loop; its Python checks cannot be traced by jit
         return jax.value_and_grad(
             lambda t, h_: w @ solver.optimize(make(t, h_)).primal_solution, argnums=(0, 1)
         )(theta, h)

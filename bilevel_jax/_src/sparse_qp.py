@@ -732,7 +732,7 @@ def solve_qp_sparse(
     *,
     tol: float | None = None,
     max_iter: int = 20000,
-    max_krylov: int = 20000,
+    max_krylov: int = 2000,
     ridge: float | None = None,
     rho: float = 0.1,
     max_rounds: int = 12,
