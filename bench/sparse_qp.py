@@ -357,7 +357,8 @@ def main(args):
         cl = clarabel_forward(prob, reps)
         t_cl = cl["t_fwd"]
 
-        def row(name, status, t_fwd, t_both, comp, y=None, dth=None, dh=None, t_ratio=None):
+        def row(name, status, t_fwd, t_both, comp, y=None, dth=None, dh=None, t_ratio=None,
+                n=n, ref=ref, t_cl=t_cl):
             def f(x, fmt):
                 return format(x, fmt) if x is not None else "-"
 

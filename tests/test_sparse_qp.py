@@ -13,8 +13,9 @@ import pytest
 from jax.experimental import sparse
 
 import bilevel_jax as bj
-import reference
 from bilevel_jax._src.sparse_qp import solve_qp_sparse
+
+import reference
 
 N, P, K = 10, 2, 6
 

@@ -827,7 +827,7 @@ def solve_qp_sparse(
       >>> from jax.experimental import sparse
       >>> Q = sparse.BCOO.fromdense(jnp.eye(3))
       >>> sol = solve_qp_sparse(Q, -jnp.ones(3), lo=-0.5, hi=0.5)
-      >>> print(sol.y, int(sol.info.status))
+      >>> print(sol.y.round(6), int(sol.info.status))
       [0.5 0.5 0.5] 0
 
     References:
