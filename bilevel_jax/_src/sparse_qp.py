@@ -596,13 +596,15 @@ def _forward(specs: _Specs, opts: _Options, theta):
         return _unscale(s, st.x, w[:p], jnp.maximum(w[p : p + k], 0), w[p + k :])
 
     def cond(carry):
-        st, eps, _, ok, rounds = carry
-        return (~ok & (st.flag == _RUNNING) & (st.it < opts.max_iter) & (rounds < 6)
-                & (eps >= tol * 1e-4))
+        st, _, _, ok, rounds = carry
+        return ~ok & (st.flag == _RUNNING) & (st.it < opts.max_iter) & (rounds < 12)
 
     def body(carry):
         st, eps, _, _, rounds = carry
-        st = _admm(sops, s, q, lb, ub, p, st, eps, opts.max_iter)
+        # A phase runs at most as many iterations as all earlier phases together (at least
+        # 500): when ADMM stagnates above eps (float32), the polish is tried again anyway.
+        cap = jnp.minimum(opts.max_iter, st.it + jnp.maximum(st.it, 500))
+        st = _admm(sops, s, q, lb, ub, p, st, eps, cap)
         y, nu, lam, zb = admm_point(st)
         rule_tol = jnp.clip(st.res, tol, 1e-2)
         guess = _masks(ops, theta_solve, g_norm, y, lam, zb, rule_tol)
