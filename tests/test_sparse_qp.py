@@ -274,3 +274,33 @@ def test_bad_shapes_name_the_argument():
         solve_qp_sparse(bcoo(Q), c, h=h)
     with pytest.raises(ValueError, match="lo has shape"):
         solve_qp_sparse(bcoo(Q), c, lo=lo[:-1])
+
+
+def smoothing(n, dtype):
+    """The 1-D smoothing QP of bench/sparse_qp.py (BCOO data), at a small size."""
+    rng = np.random.default_rng(0)
+    i = np.arange(n)
+    main = np.full(n, 1.4)
+    main[[0, -1]] = 1.2
+    Q = sparse.BCOO((jnp.asarray(np.concatenate([main, -0.2 * np.ones(2 * n - 2)]), dtype),
+                     jnp.asarray(np.stack([np.concatenate([i, i[:-1], i[1:]]),
+                                           np.concatenate([i, i[1:], i[:-1]])], 1))),
+                    shape=(n, n))
+    G = sparse.BCOO((jnp.asarray(np.concatenate([np.ones(n - 1), -np.ones(n - 1)]), dtype),
+                     jnp.asarray(np.stack([np.concatenate([i[:-1], i[:-1]]),
+                                           np.concatenate([i[:-1], i[1:]])], 1))),
+                    shape=(n - 1, n))
+    A = sparse.BCOO.fromdense(jnp.ones((1, n), dtype))
+    theta = jnp.asarray(rng.standard_normal(n), dtype)
+    return Q, -theta, A, jnp.asarray([0.05 * n], dtype), G, jnp.full(n - 1, 0.05, dtype)
+
+
+def test_defect1_float32_stagnating_admm_polishes_again():
+    # In float32 the ADMM residual stagnates near 1e-4 on the smoothing QP; the phase after a
+    # rejected polish used to run to max_iter (20000 iterations, minutes) before polishing
+    # again. Phases are now bounded, so the polish is retried after a few hundred iterations.
+    Q, c, A, b, G, h = smoothing(300, jnp.float32)
+    sol = solve_qp_sparse(Q, c, A, b, G, h, -0.3, 0.3, max_iter=3000)
+    assert int(sol.info.status) == bj.Status.SUCCESS
+    assert float(sol.info.residual) <= 1e-5
+    assert int(sol.info.num_steps) < 2000
