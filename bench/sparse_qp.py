@@ -217,21 +217,25 @@ def ours(prob, dtype, reps):
     theta = jnp.asarray(prob["theta"], dtype)
     h = jnp.asarray(prob["h"], dtype)
 
-    def solve(theta, h):
+    # The data are arguments, not closed-over constants (XLA would constant-fold them).
+    data = (qd, qi, gd, gi, ad, ai, b, w)
+
+    def solve(theta, h, data):
+        qd, qi, gd, gi, ad, ai, b, _ = data
         Q = sparse.BCOO((qd, qi), shape=(n, n))
         G = sparse.BCOO((gd, gi), shape=(n - 1, n))
         A = sparse.BCOO((ad, ai), shape=(1, n))
         return bj.solve_qp_sparse(Q, -theta, A, b, G, h, -BOX, BOX)
 
-    def loss(theta, h):
-        sol = solve(theta, h)
-        return w @ sol.y, sol
+    def loss(theta, h, data):
+        sol = solve(theta, h, data)
+        return data[-1] @ sol.y, sol
 
     fwd = jax.jit(solve)
     both = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    sol, t_fwd, c_fwd = timed(lambda: fwd(theta, h), reps)
-    (_, sol2), (g_theta, g_h) = both(theta, h)
-    _, t_both, c_both = timed(lambda: both(theta, h), reps)
+    sol, t_fwd, c_fwd = timed(lambda: fwd(theta, h, data), reps)
+    (_, sol2), (g_theta, g_h) = both(theta, h, data)
+    _, t_both, c_both = timed(lambda: both(theta, h, data), reps)
     return dict(y=np.asarray(sol.y), dtheta=np.asarray(g_theta), dh=np.asarray(g_h),
                 status=bj.Status(int(sol2.info.status)).name, steps=int(sol.info.num_steps),
                 t_fwd=t_fwd, t_both=t_both, compile=c_fwd + c_both,
