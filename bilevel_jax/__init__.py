@@ -37,6 +37,7 @@ from bilevel_jax._src.qp import QPSolution as QPSolution
 from bilevel_jax._src.qp import solve_qp as solve_qp
 from bilevel_jax._src.smoothing import linear_perturbation as linear_perturbation
 from bilevel_jax._src.smoothing import perturb_linear as perturb_linear
+from bilevel_jax._src.sparse_qp import solve_qp_sparse as solve_qp_sparse
 from bilevel_jax._src.types import Info as Info
 from bilevel_jax._src.types import Solution as Solution
 from bilevel_jax._src.types import SolveError as SolveError
@@ -79,4 +80,5 @@ __all__ = [
     "problems",
     "saddle_point",
     "solve_qp",
+    "solve_qp_sparse",
 ]
