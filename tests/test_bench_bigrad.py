@@ -65,7 +65,7 @@ def test_robust_control_bilevel_policy_gradient_matches_central_differences():
 
 
 def test_robust_control_training_improves_both_layers_from_the_same_start():
-    rows = rc.run(horizons=(4,), steps=10, batch=4, num_test=8, seeds=(0,), eval_every=5,
+    rows = rc.run(horizons=(10,), steps=10, batch=8, num_test=16, seeds=(0,), eval_every=10,
                   verbose=False)
     _, lqr, curves, _ = rows[0]
     start_opt, start_bi = curves["optnet"][0][0][1], curves["bigrad"][0][0][1]
@@ -73,7 +73,7 @@ def test_robust_control_training_improves_both_layers_from_the_same_start():
     assert abs(start_opt - start_bi) <= 0.02 * start_opt
     for name in ("optnet", "bigrad"):
         curve = curves[name][0]
-        assert curve[-1][1] < 0.97 * curve[0][1], (name, curve)
+        assert curve[-1][1] < 0.95 * curve[0][1], (name, curve)
     assert np.isfinite(lqr)
 
 
