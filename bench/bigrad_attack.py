@@ -33,8 +33,9 @@ are not published in enough detail to copy, so the setup is ours:
   ``eps in {0, 0.05, 0.1, 0.2}`` (the paper's strengths 0 and 5 are on CIFAR's scale).
   Reported: test accuracy (%) mean +- std over seeds.
 
-Usage: ``python bench/bigrad_attack.py [--small] [--seeds N] [--epochs E]``; the full run saves
-``bench/results/bigrad_attack.txt`` and ``bigrad_attack.png``.
+Usage: ``python bench/bigrad_attack.py [--small] [--seeds N] [--epochs E] [--n-train N]
+[--pgd-steps S] [--name STEM]``; the full run saves ``bench/results/STEM.txt`` and
+``STEM.png`` (default ``bigrad_attack``).
 """
 
 from __future__ import annotations
@@ -305,14 +306,17 @@ def main(argv=None):
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--n-train", type=int, default=None, help="training subset size")
+    parser.add_argument("--pgd-steps", type=int, default=10)
+    parser.add_argument("--name", default="bigrad_attack", help="output file name stem")
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     if args.small:
         cfg = dict(epochs=args.epochs or 3, seeds=1, n_train=256, n_test=128,
                    epsilons=(0.0, 0.1), pgd_steps=3)
     else:
-        cfg = dict(epochs=args.epochs or 10, seeds=args.seeds, n_train=None, n_test=None,
-                   epsilons=EPSILONS, pgd_steps=10)
+        cfg = dict(epochs=args.epochs or 10, seeds=args.seeds, n_train=args.n_train,
+                   n_test=None, epsilons=EPSILONS, pgd_steps=args.pgd_steps)
     start = time.perf_counter()
     results = run(**cfg)
     n_train = cfg["n_train"] or 1438
@@ -325,9 +329,9 @@ def main(argv=None):
     if not args.small:
         out = os.path.join(_HERE, "results")
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "bigrad_attack.txt"), "w") as fh:
+        with open(os.path.join(out, args.name + ".txt"), "w") as fh:
             fh.write(table + "\n")
-        plot(results, cfg["epsilons"], cfg["pgd_steps"], os.path.join(out, "bigrad_attack.png"))
+        plot(results, cfg["epsilons"], cfg["pgd_steps"], os.path.join(out, args.name + ".png"))
     return results
 
 

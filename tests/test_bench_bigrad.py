@@ -2,7 +2,8 @@
 
 Each experiment runs at a small size with an assertion on its result: training through the
 layer beats the untrained layer, the DP solver is exact, and the bilevel layers' gradients
-match central differences.
+match central differences. The two training runs through continuous layers are marked
+``slow`` (their compilation takes minutes on a loaded 2-core machine); CI runs them.
 """
 
 import importlib.util
@@ -64,6 +65,7 @@ def test_robust_control_bilevel_policy_gradient_matches_central_differences():
     assert abs(float(analytic - numeric)) <= 1e-6 * (1 + abs(float(numeric)))
 
 
+@pytest.mark.slow  # compiles two closed-loop rollouts with their gradients (minutes when loaded)
 def test_robust_control_training_improves_both_layers_from_the_same_start():
     rows = rc.run(horizons=(10,), steps=10, batch=8, num_test=16, seeds=(0,), eval_every=10,
                   verbose=False)
@@ -154,6 +156,7 @@ def test_bigrad_attack_layer_input_gradient_matches_central_differences(ba):
     assert abs(float(analytic - numeric)) <= 1e-6 * (1 + abs(float(numeric)))
 
 
+@pytest.mark.slow  # compiles training and attacks through a vmapped bilevel layer
 def test_bigrad_attack_bilevel_model_trains_and_attack_hurts(ba):
     results = ba.run(epochs=3, batch=32, seeds=1, n_train=128, n_test=64, epsilons=(0.0, 0.2),
                      pgd_steps=2, models=("bilevel",), verbose=False)
