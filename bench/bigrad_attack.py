@@ -11,6 +11,7 @@ are not published in enough detail to copy, so the setup is ours:
 * Encoder ``h = tanh(W_1 x + b_1)`` with ``d = 12`` features, then a layer ``h -> z``, then
   logits ``V z + c``. The layers (same parameters ``L`` (``P = LL'``), ``q``):
 
+  Both start from ``L = 0.5 I`` (``P = 0.25 I``), ``q = 0``.
   - **single-level (DCNN)**: ``z = argmin_{|z_i| <= 1} 1/2 z'(I + P)z - (h + q)'z``, a box QP
     solved by ``bj.argmin(box=...)`` (OptNet-like, exact implicit gradients by the masked
     rule; ``bj.solve_qp`` gives the same layer but compiles several times slower here);
@@ -72,12 +73,17 @@ EPS_W, BARRIER = 0.3, 1e-3
 EPSILONS = (0.0, 0.05, 0.1, 0.2)
 
 
-def init_params(key, model, d=D):
+#: ``L = L0 I`` at the start. ``L = 0`` is a stationary point of ``P = LL'`` (zero gradient in
+#: ``L``), where the layers' quadratic never trains: the first full run used it (``--l0 0``).
+L0 = 0.5
+
+
+def init_params(key, model, d=D, l0=None):
     k1, k2, k3 = jax.random.split(key, 3)
     params = {"W1": jax.random.normal(k1, (64, d)) / 8.0, "b1": jnp.zeros(d),
               "V": jax.random.normal(k2, (d, 10)) / np.sqrt(d), "c": jnp.zeros(10)}
     if model in ("single", "bilevel"):
-        params.update(L=jnp.zeros((d, d)), q=jnp.zeros(d))
+        params.update(L=(L0 if l0 is None else l0) * jnp.eye(d), q=jnp.zeros(d))
     if model == "bilevel":
         params.update(A=jnp.zeros((d, d)), log_kappa=jnp.asarray(np.log(0.2)))
     if model == "mlp_star":
@@ -212,7 +218,7 @@ def make_train(model, train, *, epochs, batch, lr=1e-2):
 
 
 def run(*, epochs=15, batch=64, seeds=3, n_train=None, n_test=None, epsilons=EPSILONS,
-        pgd_steps=10, models=MODELS, verbose=True):
+        pgd_steps=10, models=MODELS, l0=None, verbose=True):
     train, test = digits.load_data(n_train=n_train, n_test=n_test, dtype=jnp.float64)
     results = {}
     for model in models:
@@ -222,7 +228,7 @@ def run(*, epochs=15, batch=64, seeds=3, n_train=None, n_test=None, epsilons=EPS
         accs, losses, skipped, untrained = [], [], [], []
         for seed in range(seeds):
             key = jax.random.PRNGKey(seed)
-            params = init_params(key, model)
+            params = init_params(key, model, l0=l0)
             untrained.append(np.asarray(evaluate(params, key))[0, 0])
             params, loss_curve, bad = trainer(params, jax.random.fold_in(key, 1))
             accs.append(np.asarray(evaluate(params, jax.random.fold_in(key, 2))))
@@ -240,10 +246,11 @@ def _pm(a):
     return f"{100 * np.mean(a):.1f} +- {100 * np.std(a):.1f}"
 
 
-def format_table(results, *, epochs, seeds, epsilons, pgd_steps, n_train, n_test):
+def format_table(results, *, epochs, seeds, epsilons, pgd_steps, n_train, n_test, l0=L0):
     lines = [
         f"BiGrad adversarial-attack stand-in: digits ({n_train} train / {n_test} test), "
         f"encoder 64-{D} tanh + layer + linear head, clean training ({epochs} epochs), "
+        f"layers from L = {l0} I, "
         f"{seeds} seeds; test accuracy (%) under FGSM and PGD-{pgd_steps} of strength eps "
         "(L-inf, pixels in [0, 1]).",
         "",
@@ -309,6 +316,7 @@ def main(argv=None):
     parser.add_argument("--n-train", type=int, default=None, help="training subset size")
     parser.add_argument("--pgd-steps", type=int, default=10)
     parser.add_argument("--name", default="bigrad_attack", help="output file name stem")
+    parser.add_argument("--l0", type=float, default=L0, help="initial L = l0 I")
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     if args.small:
@@ -318,12 +326,12 @@ def main(argv=None):
         cfg = dict(epochs=args.epochs or 10, seeds=args.seeds, n_train=args.n_train,
                    n_test=None, epsilons=EPSILONS, pgd_steps=args.pgd_steps)
     start = time.perf_counter()
-    results = run(**cfg)
+    results = run(**cfg, l0=args.l0)
     n_train = cfg["n_train"] or 1438
     n_test = cfg["n_test"] or 359
     table = format_table(results, epochs=cfg["epochs"], seeds=cfg["seeds"],
                          epsilons=cfg["epsilons"], pgd_steps=cfg["pgd_steps"],
-                         n_train=n_train, n_test=n_test)
+                         n_train=n_train, n_test=n_test, l0=args.l0)
     print(table)
     print(f"total {time.perf_counter() - start:.1f} s")
     if not args.small:
