@@ -65,7 +65,7 @@ def test_robust_control_bilevel_policy_gradient_matches_central_differences():
     assert abs(float(analytic - numeric)) <= 1e-6 * (1 + abs(float(numeric)))
 
 
-@pytest.mark.slow  # compiles two closed-loop rollouts with their gradients (minutes when loaded)
+@pytest.mark.slow  # 29 s on an idle core, minutes on the loaded 2-core machine (compilation)
 def test_robust_control_training_improves_both_layers_from_the_same_start():
     rows = rc.run(horizons=(10,), steps=10, batch=8, num_test=16, seeds=(0,), eval_every=10,
                   verbose=False)
@@ -156,7 +156,7 @@ def test_bigrad_attack_layer_input_gradient_matches_central_differences(ba):
     assert abs(float(analytic - numeric)) <= 1e-6 * (1 + abs(float(numeric)))
 
 
-@pytest.mark.slow  # compiles training and attacks through a vmapped bilevel layer
+@pytest.mark.slow  # 24 s on an idle core: compiles training and attacks through the layer
 def test_bigrad_attack_bilevel_model_trains_and_attack_hurts(ba):
     results = ba.run(epochs=3, batch=32, seeds=1, n_train=128, n_test=64, epsilons=(0.0, 0.2),
                      pgd_steps=2, models=("bilevel",), verbose=False)
