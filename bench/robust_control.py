@@ -1,7 +1,7 @@
 """Robust control under an adversarial bounded disturbance: single-level vs bilevel layer.
 
-Small-scale reproduction of the trend of BiGrad's robust-control table (Alesiani, AAAI 2023;
-ALGORITHMS.md §4.6): a controller that models the adversary as the lower level of a bilevel
+Small-scale reproduction of the trend of BiGrad's robust-control table (Alesiani, AAAI 2023):
+a controller that models the adversary as the lower level of a bilevel
 layer beats a single-level (OptNet-like) QP controller, and both beat LQR. The paper's
 dynamics, sizes and protocol are not published, so this setup is ours:
 
