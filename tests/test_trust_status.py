@@ -309,3 +309,13 @@ def test_defect7_status_enum_is_append_only():
         "DIVERGED", "NONCONVEX", "SINGULAR",
     ]
     assert [int(s) for s in bj.Status] == list(range(9))
+
+
+def test_defect7_argmin_answer_outside_the_domain_of_g_is_not_success():
+    # A log barrier's gradient is defined past the barrier: Newton found z = 3.00075, where
+    # g is NaN, and reported SUCCESS.
+    def g(z, t):
+        return 0.5 * z[0] ** 2 - t * z[0] - 1e-3 * jnp.log(1 - z[0] ** 2)
+
+    sol = bj.argmin(g, jnp.zeros(1), 3.0, solver="newton")
+    assert int(sol.info.status) != bj.Status.SUCCESS or abs(float(sol.y[0])) < 1

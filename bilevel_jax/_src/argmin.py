@@ -1010,6 +1010,9 @@ def _make_info(problem, y, lam, stats, y_start, params, dtype):
     value, value0 = problem.objective(y, params), problem.objective(y_start, params)
     unbounded = (value < -1e30 * (1 + jnp.abs(value0))) & jnp.isfinite(value0)
     status = jnp.where(unbounded, Status.UNBOUNDED, status)
+    # g itself must be finite at the answer: a stationary point of grad g outside the domain
+    # of g (a log barrier's gradient extends past the barrier) is no minimiser.
+    finite = finite & (jnp.isfinite(value) | unbounded)
     status = jnp.where(finite, status, Status.NONFINITE)
     if problem.bounds is not None:
         # An empty box (finite data): say why, whatever the solver reported.
