@@ -1428,7 +1428,8 @@ def solve_qp(
       C: optional ``(r, n)`` matrix of two-sided constraints ``l <= C y <= u`` (as in OSQP
         and jaxopt's ``BoxOSQP``; no need to stack ``[C; -C]``). Equal bounds make a row an
         equality; infinite bounds mean "no bound".
-      l: lower bounds of ``C y``, a scalar or ``(r,)`` (default ``-inf``).
+      l: lower bounds of ``C y``, a scalar or ``(r,)`` (default ``-inf``). Rows with equal
+        concrete bounds are solved as equalities.
       u: upper bounds of ``C y``, a scalar or ``(r,)`` (default ``+inf``).
       hypergrad: ``"implicit"``, ``"relaxed"`` or ``"penalty"``.
       tol: relative KKT tolerance (default 1e-10 in float64, 1e-5 in float32); the active-set
@@ -1473,15 +1474,11 @@ def solve_qp(
       Optimization. NeurIPS 2024.
     """
     _check_options(hypergrad, tol, max_iter, ridge, alpha, mu, polish)
-    r = 0
+    rows = None
     if C is not None or l is not None or u is not None:
-        G, h, r = _two_sided(C, l, u, G, h, c)
-        if init is not None:  # the signed multipliers of C split into those of [C; -C]
-            y_i, nu_i, lam_i = init
-            lam_i = jnp.asarray(lam_i)
-            lam_c = lam_i[lam_i.shape[0] - r:]
-            init = (y_i, nu_i, jnp.concatenate([lam_i[: lam_i.shape[0] - r],
-                                                jnp.maximum(lam_c, 0), jnp.maximum(-lam_c, 0)]))
+        if init is not None:
+            raise ValueError("init (a warm start) is not supported with C, l, u.")
+        A, b, G, h, rows = _two_sided(C, l, u, A, b, G, h, c)
     theta, dtype = _check_data(Q, c, A, b, G, h)
     n, p, k = theta[0].shape[0], theta[2].shape[0], theta[4].shape[0]
     defaults = default_options(dtype)
@@ -1500,16 +1497,23 @@ def solve_qp(
         init = (jnp.zeros((n,), dtype), jnp.zeros((p,), dtype), jnp.zeros((k,), dtype))
     solution = _solve(theta, init, options)
     check_info(solution.info, throw)
-    if r:
-        lam = solution.lam
-        k_g = lam.shape[0] - 2 * r
-        lam = jnp.concatenate([lam[:k_g], lam[k_g:k_g + r] - lam[k_g + r:]])
-        solution = solution._replace(lam=lam)
+    if rows is not None:  # the multipliers of the rows of C, signed, in the order of C
+        p0, k0, eq, ineq = rows
+        nu, lam = solution.nu, solution.lam
+        r_in = len(ineq)
+        lam_c = jnp.zeros((len(eq) + r_in,), lam.dtype)
+        lam_c = lam_c.at[eq].set(nu[p0:]).at[ineq].set(lam[k0:k0 + r_in] - lam[k0 + r_in:])
+        solution = solution._replace(nu=nu[:p0], lam=jnp.concatenate([lam[:k0], lam_c]))
     return solution
 
 
-def _two_sided(C, l, u, G, h, c):  # noqa: E741
-    """``l <= C y <= u`` as the rows ``[C; -C] y <= [u; -l]`` appended to ``G y <= h``."""
+def _two_sided(C, l, u, A, b, G, h, c):  # noqa: E741
+    """``l <= C y <= u`` as rows appended to ``A y = b`` and ``G y <= h``.
+
+    Rows with equal concrete bounds become equalities; the others ``[C; -C] y <= [u; -l]``.
+    Returns ``(A, b, G, h, (p0, k0, eq, ineq))``: the original numbers of rows and the indices
+    of the rows of ``C`` made equalities and inequalities.
+    """
     if C is None:
         raise ValueError("l and u bound C y: pass C (shape (r, n)) with them.")
     C = jnp.asarray(C)
@@ -1521,13 +1525,26 @@ def _two_sided(C, l, u, G, h, c):  # noqa: E741
     lo = jnp.broadcast_to(jnp.asarray(-inf if l is None else l, dtype), (r,))
     hi = jnp.broadcast_to(jnp.asarray(inf if u is None else u, dtype), (r,))
     lo_c, hi_c = concrete_or_none(lo), concrete_or_none(hi)
-    if lo_c is not None and hi_c is not None and np.any(lo_c > hi_c):
-        i = int(np.flatnonzero(lo_c > hi_c)[0])
-        raise ValueError(f"l > u at row {i} of C (l = {lo_c[i]}, u = {hi_c[i]}): the set "
-                         "l <= C y <= u is empty.")
+    equal = np.zeros(r, bool)
+    if lo_c is not None and hi_c is not None:
+        if np.any(lo_c > hi_c):
+            i = int(np.flatnonzero(lo_c > hi_c)[0])
+            raise ValueError(f"l > u at row {i} of C (l = {lo_c[i]}, u = {hi_c[i]}): the set "
+                             "l <= C y <= u is empty.")
+        # Equal bounds are an equality: a pair of opposite inequalities would leave the
+        # interior point no interior and the backward system two dependent rows.
+        equal = np.isfinite(lo_c) & (lo_c == hi_c)
+    eq, ineq = np.flatnonzero(equal), np.flatnonzero(~equal)
+    A = jnp.zeros((0, n), dtype) if A is None else jnp.asarray(A)
+    b = jnp.zeros((0,), dtype) if b is None else jnp.asarray(b)
     G = jnp.zeros((0, n), dtype) if G is None else jnp.asarray(G)
     h = jnp.zeros((0,), dtype) if h is None else jnp.asarray(h)
-    return jnp.concatenate([G, C, -C]), jnp.concatenate([h, hi, -lo]), r
+    rows = (A.shape[0], G.shape[0], eq, ineq)
+    A, b = jnp.concatenate([A, C[eq]]), jnp.concatenate([b, hi[eq]])
+    C_in = C[ineq]
+    G = jnp.concatenate([G, C_in, -C_in])
+    h = jnp.concatenate([h, hi[ineq], -lo[ineq]])
+    return A, b, G, h, rows
 
 
 class _Options(NamedTuple):
