@@ -350,18 +350,3 @@ def test_status_max_steps_nonfinite_and_throw():
 
 
 # ------------------------------------------------------------------ benchmark smoke test
-
-
-@pytest.mark.slow
-def test_robust_control_bench_small_reproduces_the_trend():
-    """bench/robust_control.py --small (< 30 s): BiGrad < OptNet-like < LQR."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "robust_control.py"
-    spec = importlib.util.spec_from_file_location("robust_control", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    (horizon, lqr, results, _), = module.main(["--small"])
-    assert horizon == 10
-    assert results["bigrad"] < results["optnet"] < lqr

@@ -41,8 +41,6 @@ KNOWN_FAILURES = {
                                        "number 1.6e3)",
     "qp-float32-lp-answers": "LPs: y 1.3e-3 off, d/dQ (exactly 0) up to 4x the gradient's "
                              "size at SUCCESS (condition numbers 50..500)",
-    "argmin-ineq-small_margin": "argmin(ineq=) y 1.4e-5 off the reference (and solve_qp) at "
-                                "SUCCESS when a multiplier is ~1e-5 (defect 1's class)",
 }
 
 

@@ -26,7 +26,6 @@ Hypergradient rules:
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -777,8 +776,9 @@ def argmin(
     options = _Options(solver, hypergrad, linear_solver, float(tol), int(max_iter), float(ridge),
                        float(delta), float(alpha), bool(throw))
     fns = (g_conv, converted.get("eq"), converted.get("ineq"), converted.get("box"))
-    y, nu, lam, info = _solve(fns, options, y0, theta,
-                              (tuple(g_consts), {k: tuple(v) for k, v in consts.items()}))
+    solve = _solve if vma.is_eager() else _solve_traced
+    y, nu, lam, info = solve(fns, options, y0, theta,
+                             (tuple(g_consts), {k: tuple(v) for k, v in consts.items()}))
     check_info(info, throw)
     return Solution(unravel(y), nu if eq is not None else None,
                     lam if ineq is not None else None, info)
@@ -798,8 +798,7 @@ class _Options(NamedTuple):
     throw: bool
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _solve(fns, options: _Options, y0, theta, consts):
+def _solve_traced(fns, options: _Options, y0, theta, consts):
     """Build the problem from the converted user functions and run the rule.
 
     Jitted once per functions, options, shapes and dtypes: eager calls reuse the compilation.
@@ -911,6 +910,9 @@ def _solve(fns, options: _Options, y0, theta, consts):
     return y, nu, lam[: k_in - (2 * n if box_conv is not None and not box_only else 0)], info
 
 
+
+
+_solve = jax.jit(_solve_traced, static_argnums=(0, 1))
 
 
 def _choose_solver(solver, hypergrad, n, eq, ineq, box, box_only):

@@ -33,7 +33,6 @@ Hypergradient rules:
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -609,7 +608,8 @@ def saddle_point(
     options = _Options(solver, hypergrad, linear_solver, float(tol), int(max_iter),
                        None if step_size is None else float(step_size), float(ridge),
                        int(gap_steps), bool(throw))
-    u, v, info = _solve(f_conv, options, u0, v0, theta, tuple(f_consts), u_set, v_set)
+    solve = _solve if vma.is_eager() else _solve_traced
+    u, v, info = solve(f_conv, options, u0, v0, theta, tuple(f_consts), u_set, v_set)
     check_info(info, throw)
     return SaddleSolution(unravel_u(u), unravel_v(v), info)
 
@@ -628,8 +628,7 @@ class _Options(NamedTuple):
     throw: bool
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _solve(f_conv, options: _Options, u0, v0, theta, f_consts, u_set, v_set):
+def _solve_traced(f_conv, options: _Options, u0, v0, theta, f_consts, u_set, v_set):
     """Build the problem and run the rule; jitted per function, options, shapes and dtypes."""
     solver, hypergrad, linear_solver, tol, max_iter, step_size, ridge, gap_steps, throw = options
     u_flat0, unravel_u = ravel_pytree(u0)
@@ -694,6 +693,9 @@ def _solve(f_conv, options: _Options, u0, v0, theta, f_consts, u_set, v_set):
     return u, v, info
 
 
+
+
+_solve = jax.jit(_solve_traced, static_argnums=(0, 1))
 
 
 def _make_info(problem, z, stats, tol, inputs, params, gap_steps, extra):

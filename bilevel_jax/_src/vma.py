@@ -268,3 +268,16 @@ def cond(pred, true_fun: Callable, false_fun: Callable, *operands):
     on_true = vary_like(true_fun(*operands), pred, operands)
     on_false = vary_like(false_fun(*operands), pred, operands)
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def is_eager() -> bool:
+    """Whether the caller runs outside every JAX transformation (no ``jit``/``vmap``/``grad``).
+
+    The entry points compile their solve once per (functions, options, shapes) only then: under
+    a transformation the outer trace compiles anyway, and a user function may close over a
+    tracer of that trace (e.g. a ``vmap`` batch tracer), which must not be captured by a
+    separately compiled function.
+    """
+    from jax._src import core  # no public equivalent in jax 0.10
+
+    return isinstance(core.trace_ctx.trace, core.EvalTrace)
