@@ -24,16 +24,16 @@ def f(u, v, t):
 def test_repeated_eager_argmin_does_not_recompile():
     for kwargs in ({}, {"ineq": ineq}):
         first = bj.argmin(g, jnp.zeros(3), 0.1, **kwargs)
-        size = argmin_module._solve._cache_size()
+        size = argmin_module._solve.compiled._cache_size()
         again = bj.argmin(g, jnp.zeros(3), 0.7, **kwargs)  # new values, same shapes
-        assert argmin_module._solve._cache_size() == size
+        assert argmin_module._solve.compiled._cache_size() == size
         assert not jnp.allclose(first.y, again.y)
         assert int(again.info.status) == bj.Status.SUCCESS
 
 
 def test_repeated_eager_saddle_point_does_not_recompile():
     bj.saddle_point(f, jnp.zeros(2), jnp.zeros(2), 0.5)
-    size = minimax_module._solve._cache_size()
+    size = minimax_module._solve.compiled._cache_size()
     sol = bj.saddle_point(f, jnp.zeros(2), jnp.zeros(2), 0.25)
-    assert minimax_module._solve._cache_size() == size
+    assert minimax_module._solve.compiled._cache_size() == size
     assert int(sol.info.status) == bj.Status.SUCCESS

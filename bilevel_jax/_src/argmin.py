@@ -30,7 +30,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
@@ -45,10 +44,14 @@ from bilevel_jax._src.types import (
     Solution,
     Status,
     check_info,
-    concrete_or_none,
     make_info,
 )
-from bilevel_jax._src.validation import check_option, check_scalar_output, flatten_variables
+from bilevel_jax._src.validation import (
+    check_option,
+    check_scalar_output,
+    crossed_bounds,
+    flatten_variables,
+)
 
 SOLVERS = ("auto", "newton", "lbfgs", "gradient", "sqp")
 HYPERGRADS = ("implicit", "penalty", "finite_difference", "unrolled")
@@ -776,9 +779,8 @@ def argmin(
     options = _Options(solver, hypergrad, linear_solver, float(tol), int(max_iter), float(ridge),
                        float(delta), float(alpha), bool(throw))
     fns = (g_conv, converted.get("eq"), converted.get("ineq"), converted.get("box"))
-    solve = _solve if vma.is_eager() else _solve_traced
-    y, nu, lam, info = solve(fns, options, y0, theta,
-                             (tuple(g_consts), {k: tuple(v) for k, v in consts.items()}))
+    y, nu, lam, info = _solve(fns, options, y0, theta,
+                              (tuple(g_consts), {k: tuple(v) for k, v in consts.items()}))
     check_info(info, throw)
     return Solution(unravel(y), nu if eq is not None else None,
                     lam if ineq is not None else None, info)
@@ -912,7 +914,7 @@ def _solve_traced(fns, options: _Options, y0, theta, consts):
 
 
 
-_solve = jax.jit(_solve_traced, static_argnums=(0, 1))
+_solve = vma.jit_when_eager(_solve_traced, static_argnums=(0, 1))
 
 
 def _choose_solver(solver, hypergrad, n, eq, ineq, box, box_only):
@@ -1064,11 +1066,10 @@ def _check_box_concrete(bounds, box, theta):
     (``Status.INFEASIBLE``).
     """
     with jax.ensure_compile_time_eval():
-        lo, hi = bounds(box(theta))
-    lo, hi = concrete_or_none(lo), concrete_or_none(hi)
-    if lo is None or hi is None:
+        crossed = crossed_bounds(*bounds(box(theta)))
+    if crossed is None:
         return
-    bad = np.flatnonzero(lo > hi)
+    lo, hi, bad = crossed
     if bad.size:
         i = bad[0]
         raise ValueError(

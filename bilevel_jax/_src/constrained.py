@@ -161,7 +161,9 @@ def sqp(fun: Callable, y0, A, b, G, h, tol, max_iter) -> SQPResult:
         t = vma.while_loop(lambda t: ~full & ~armijo(t) & (t > 1e-10), lambda t: 0.5 * t,
                            jnp.where(full, 1, 0.5).astype(dtype))
         y_new = y + t * d
-        res = jnp.where(full, res_full, qp.point_residual(data(y_new, H), (y_new, nu, lam)))
+        # (the full step's residual is known: measure again only after a shortened step)
+        res = vma.cond(full, lambda: res_full,
+                       lambda: qp.point_residual(data(y_new, H), (y_new, nu, lam)))
         res = jnp.where(ok, res, res_prev)
         verdict = jnp.where(ok, Status.SUCCESS, jnp.asarray(_VERDICT_OF_QP)[jnp.clip(status, 0, 8)])
         return it + 1, y_new, nu, lam, res, verdict, fw.pre, fw.scaling

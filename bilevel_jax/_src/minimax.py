@@ -608,8 +608,7 @@ def saddle_point(
     options = _Options(solver, hypergrad, linear_solver, float(tol), int(max_iter),
                        None if step_size is None else float(step_size), float(ridge),
                        int(gap_steps), bool(throw))
-    solve = _solve if vma.is_eager() else _solve_traced
-    u, v, info = solve(f_conv, options, u0, v0, theta, tuple(f_consts), u_set, v_set)
+    u, v, info = _solve(f_conv, options, u0, v0, theta, tuple(f_consts), u_set, v_set)
     check_info(info, throw)
     return SaddleSolution(unravel_u(u), unravel_v(v), info)
 
@@ -695,7 +694,7 @@ def _solve_traced(f_conv, options: _Options, u0, v0, theta, f_consts, u_set, v_s
 
 
 
-_solve = jax.jit(_solve_traced, static_argnums=(0, 1))
+_solve = vma.jit_when_eager(_solve_traced, static_argnums=(0, 1))
 
 
 def _make_info(problem, z, stats, tol, inputs, params, gap_steps, extra):

@@ -67,9 +67,9 @@ from bilevel_jax._src.types import (
     Info,
     Status,
     check_info,
-    concrete_or_none,
     make_info,
 )
+from bilevel_jax._src.validation import crossed_bounds
 
 __all__ = ["HYPERGRADS", "QPSolution", "active_set_adjoint", "default_options", "solve_qp"]
 
@@ -1524,11 +1524,12 @@ def _two_sided(C, l, u, A, b, G, h, c):  # noqa: E741
     inf = jnp.asarray(jnp.inf, dtype)
     lo = jnp.broadcast_to(jnp.asarray(-inf if l is None else l, dtype), (r,))
     hi = jnp.broadcast_to(jnp.asarray(inf if u is None else u, dtype), (r,))
-    lo_c, hi_c = concrete_or_none(lo), concrete_or_none(hi)
+    crossed = crossed_bounds(lo, hi)
     equal = np.zeros(r, bool)
-    if lo_c is not None and hi_c is not None:
-        if np.any(lo_c > hi_c):
-            i = int(np.flatnonzero(lo_c > hi_c)[0])
+    if crossed is not None:
+        lo_c, hi_c, bad = crossed
+        if bad.size:
+            i = int(bad[0])
             raise ValueError(f"l > u at row {i} of C (l = {lo_c[i]}, u = {hi_c[i]}): the set "
                              "l <= C y <= u is empty.")
         # Equal bounds are an equality: a pair of opposite inequalities would leave the

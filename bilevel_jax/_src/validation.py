@@ -6,9 +6,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from bilevel_jax._src.tree import is_inexact
+from bilevel_jax._src.types import concrete_or_none
 
 
 def check_option(name: str, value, allowed: tuple) -> None:
@@ -45,3 +47,16 @@ def check_scalar_output(fn: Callable, args: tuple, call: str, signature: str) ->
     if not (hasattr(out, "shape") and out.shape == ()):
         shape = getattr(out, "shape", type(out).__name__)
         raise TypeError(f"{signature} must return a scalar, got {shape}.")
+
+
+def crossed_bounds(lo, hi):
+    """``(lo, hi, indices)`` of the entries with ``lo > hi`` when both bounds are concrete.
+
+    Returns ``None`` when either bound is traced (checked at run time instead, as
+    ``INFEASIBLE``); ``indices`` is empty when the bounds are consistent.
+    """
+    lo, hi = concrete_or_none(lo), concrete_or_none(hi)
+    if lo is None or hi is None:
+        return None
+    lo, hi = np.broadcast_arrays(lo, hi)
+    return lo, hi, np.flatnonzero(lo > hi)

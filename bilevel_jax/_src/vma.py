@@ -270,6 +270,23 @@ def cond(pred, true_fun: Callable, false_fun: Callable, *operands):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+def jit_when_eager(fn: Callable, static_argnums: tuple) -> Callable:
+    """``fn`` compiled once per static arguments and shapes when called eagerly, else ``fn``.
+
+    The entry points build their solve from the user's (closure-converted) functions, passed
+    as static arguments, so a repeated eager call with the same functions reuses the
+    compilation instead of retracing. Under a transformation (:func:`is_eager` is False) ``fn``
+    runs inside the caller's trace. The compiled function is the attribute ``compiled``.
+    """
+    compiled = jax.jit(fn, static_argnums=static_argnums)
+
+    def call(*args):
+        return (compiled if is_eager() else fn)(*args)
+
+    call.compiled = compiled
+    return call
+
+
 def is_eager() -> bool:
     """Whether the caller runs outside every JAX transformation (no ``jit``/``vmap``/``grad``).
 
