@@ -61,6 +61,11 @@ def _write_page_code(folder: Path) -> dict:
 def _env(devices: int | None) -> dict:
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    # XLA:CPU aborts a collective when one device thread is 40 s late. The forced host
+    # devices are threads on 2 shared cores: under CI's second pytest worker the jit +
+    # NamedSharding sweep of argmin(ineq=) (an all-gather inside the SQP loop) had 1 of 4
+    # threads arrive in time and the process was killed; alone it passes in ~110 s.
+    flags += " --xla_cpu_collective_call_terminate_timeout_seconds=900"
     if devices:
         flags += f" --xla_force_host_platform_device_count={devices}"
     env["XLA_FLAGS"] = flags
