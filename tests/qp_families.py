@@ -603,11 +603,18 @@ def check(problem, result, dtype="float64", ref=None):
     if keys:
         want = ref_mod.hypergradient(*data, ref, problem.v.astype(dtype).astype(np.float64))
         total = np.sqrt(sum(np.linalg.norm(want[k_]) ** 2 for k_ in keys))
-        errs = {k_: ref_mod.relative_error(result.grads[k_], want[k_], floor=1e-2 * total)
+        floor = 1e-2 * total
+        errs = {k_: ref_mod.relative_error(result.grads[k_], want[k_], floor=floor)
                 for k_ in keys}
+        # A backward-stable adjoint errs by ~cond eps relative to the whole gradient, so a
+        # block measured against its own (smaller) size, down to the floor, may show up to
+        # total / max(|block|, floor) <= 100 times that (an LP's d/dQ is exactly 0).
+        amp = {k_: total / max(float(np.linalg.norm(want[k_])), floor) for k_ in keys}
         v.grad_err = max(errs.values())
-        if not v.grad_err <= _allowed(tol["grad"], ref.cond, dtype):
-            worst = max(errs, key=errs.get)
+        over = {k_: e_ / max(tol["grad"], 16 * float(np.finfo(dtype).eps) * ref.cond * amp[k_])
+                for k_, e_ in errs.items()}
+        if max(over.values()) > 1:
+            worst = max(over, key=over.get)
             v.silent_wrong = True
-            v.reasons.append(f"hypergradient error {v.grad_err:.2e} (d/d{worst})")
+            v.reasons.append(f"hypergradient error {errs[worst]:.2e} (d/d{worst})")
     return v

@@ -36,12 +36,7 @@ import reference as ref_mod
 
 # ------------------------------------------------------------------ known failures (one place)
 
-KNOWN_FAILURES = {
-    "qp-float32-singular_psd-answers": "y 4e-3 and d/dQ 3e-2 off at SUCCESS (condition "
-                                       "number 1.6e3)",
-    "qp-float32-lp-answers": "LPs: y 1.3e-3 off, d/dQ (exactly 0) up to 4x the gradient's "
-                             "size at SUCCESS (condition numbers 50..500)",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def known(test_id):

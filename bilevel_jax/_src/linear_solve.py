@@ -102,6 +102,8 @@ __all__ = [
     "default_tol",
     "factorize",
     "inverse_products",
+    "lu_factor",
+    "lu_solve",
     "linear_solve",
     "materialize",
     "solve_cg",
@@ -506,8 +508,7 @@ def factorize(matrix: Any, *, structure: str = "general", ridge: Any = 0.0) -> F
         # The lower factor only (cho_factor leaves the input's upper triangle in place,
         # which every solve below ignores).
         return Factorization("cholesky", (cholesky(matrix),))
-    lu, piv = jsp_linalg.lu_factor(matrix)
-    return Factorization("lu", (lu, piv))
+    return Factorization("lu", lu_factor(matrix))
 
 
 def symmetric_norm(matvec: Callable, like: Any, num_iter: int = 20) -> jax.Array:
@@ -568,14 +569,16 @@ def _looped(fn: Callable) -> Callable:
         del axis_size
         if any(_sharded_batch(a) for a, b in zip(args, in_batched, strict=True) if b):
             axes = [0 if b else None for b in in_batched]
-            return jax.vmap(fn, in_axes=axes)(*args), True
+            out = jax.vmap(fn, in_axes=axes)(*args)
+            return out, jax.tree.map(lambda _: True, out)
         mapped = [a for a, b in zip(args, in_batched, strict=True) if b]
 
         def one(items):
             items = iter(items)
             return looped(*(next(items) if b else a for a, b in zip(args, in_batched, strict=True)))
 
-        return lax.map(one, mapped), True
+        out = lax.map(one, mapped)
+        return out, jax.tree.map(lambda _: True, out)
 
     @jax.custom_jvp
     def wrapped(*args):
@@ -639,6 +642,36 @@ def triangular_solve(
     return _triangular(bool(left_side), bool(lower), bool(transpose_a))(a, b)
 
 
+def _lu(a):
+    lu, piv, _ = lax.linalg.lu(a)
+    return lu, piv
+
+
+def lu_factor(a: Any) -> tuple[jax.Array, jax.Array]:
+    """LU factorisation with partial pivoting, ``(lu, piv)`` as :func:`jax.scipy.linalg.lu_factor`.
+
+    Safe under :func:`jax.vmap` on CPU (batched, the factorisations run one after the other;
+    see the comment above :func:`cholesky`). A singular ``a`` gives non-finite solves.
+
+    Cost: ``2 n^3 / 3`` flops.
+    """
+    return _looped(_lu)(jnp.asarray(a))
+
+
+@functools.cache
+def _lu_solver(trans: int) -> Callable:
+    return _looped(lambda lu, piv, b: jsp_linalg.lu_solve((lu, piv), b, trans=trans))
+
+
+def lu_solve(lu: Any, piv: Any, b: Any, transpose: bool = False) -> jax.Array:
+    """Solve ``A x = b`` (``A' x = b`` with ``transpose``) given :func:`lu_factor` of ``A``.
+
+    Safe under :func:`jax.vmap` on CPU, like :func:`lu_factor`. Cost: ``2 n^2`` flops per
+    right-hand side.
+    """
+    return _lu_solver(1 if transpose else 0)(lu, piv, jnp.asarray(b))
+
+
 def cho_solve(chol: Any, b: Any) -> jax.Array:
     """Solve ``(L L') x = b`` given the lower Cholesky factor ``L`` (:func:`cholesky`).
 
@@ -699,7 +732,7 @@ def solve_factorized(factorization: Factorization, b: Any, *, transpose: bool = 
     elif kind == "lu":
         lu, piv = factorization.factors
         dtype = jnp.result_type(lu, b)
-        x = jsp_linalg.lu_solve((lu, piv), b.astype(dtype), trans=1 if transpose else 0)
+        x = lu_solve(lu, piv, b.astype(dtype), transpose)
     else:
         raise ValueError(
             f"`factorization.kind` must be one of {Factorization.KINDS}; got {kind!r}."

@@ -626,6 +626,63 @@ def _kkt_solve(pre: _Prepared, chol_s, m, e, r, steps=1, t=None):
     return vma.fori_loop(0, steps, refine, solve(r1, r2, t))
 
 
+def _kkt_dense(pre: _Prepared, m, e):
+    """The matrix ``K(m, e) = [Q, C'M; M C, -diag(e)]`` (exact ``Q``), for a dense LU."""
+    top = jnp.concatenate([pre.Q, pre.C.T * m], axis=1)
+    bottom = jnp.concatenate([pre.C * m[:, None], -jnp.diag(e)], axis=1)
+    return jnp.concatenate([top, bottom])
+
+
+def _masked_solver(pre: _Prepared, m, e, delta=None, exact=None):
+    """``solve(r, steps, t=None)`` of the scaled ``K(m, exact) x = r`` (:func:`_kkt_solve`).
+
+    One factorisation (of ``K(m, e)`` regularised; ``exact`` defaults to ``e``), many solves.
+    The Schur complement of ``Q_d = Q + delta I`` squares the conditioning of the active rows
+    when ``Q`` is singular (``S ~ C C' / delta``): in float32, on LPs and singular-``Q`` QPs
+    with a unique solution (``cond(K)`` 3e2..2e4), ``S`` was
+    numerically singular, the refinement steps did not converge and the adjoint came back
+    with O(1) relative errors under a passing backward-error check. There, in float32 only,
+    the system is solved by an LU factorisation (partial pivoting) of the whole matrix
+    ``K(m, e)`` of size ``n + p + k`` plus one refinement step, which is backward stable; the
+    Schur solution is kept where the LU one is not finite (``K`` itself singular). float64's
+    ``delta`` (``1e-10`` relative) leaves ``S`` well inside its precision, and the Schur path
+    stays.
+    """
+    chol_s = _factor(pre, m, e, delta)
+    e = e if exact is None else exact
+
+    def schur(r, steps, t=None):
+        return _kkt_solve(pre, chol_s, m, e, r, steps, t)
+
+    if float(jnp.finfo(pre.Q.dtype).eps) < 1e-10:
+        return schur
+    n = pre.Q.shape[0]
+    size = n + m.shape[0]
+
+    def dense():
+        return ls.lu_factor(_kkt_dense(pre, m, e))
+
+    def unused():
+        return jnp.zeros((size, size), pre.Q.dtype), jnp.zeros((size,), jnp.int32)
+
+    lu, piv = vma.cond(pre.singular, dense, unused)
+
+    def solve(r, steps, t=None):
+        x = schur(r, steps, t)
+
+        def by_lu():
+            rr = jnp.concatenate(r)
+            xx = ls.lu_solve(lu, piv, rr)
+            a1, a2 = _kkt_apply(pre, m, e, (xx[:n], xx[n:]))
+            xx = xx + ls.lu_solve(lu, piv, rr - jnp.concatenate([a1, a2]))
+            ok = jnp.all(jnp.isfinite(xx))
+            return jnp.where(ok, xx[:n], x[0]), jnp.where(ok, xx[n:], x[1])
+
+        return vma.cond(pre.singular, by_lu, lambda: x)
+
+    return solve
+
+
 def original_solver(pre: _Prepared, sc: _Scaling, m, e, delta=None, steps=1, ridge=0.0):
     """A solver of ``K(m, e) x = r`` in *original* units through the scaled factorisation.
 
@@ -640,13 +697,13 @@ def original_solver(pre: _Prepared, sc: _Scaling, m, e, delta=None, steps=1, rid
     root = jnp.sqrt(sigma)
     s1, s2 = root * D, E / root
     e_hat = e * E**2 / sigma + jnp.asarray(ridge, e.dtype) * m
-    chol_s = _factor(pre, m, e_hat, delta)
+    solve_scaled = _masked_solver(pre, m, e_hat, delta)
 
     def solve(r):
         r_hat = (s1 * r[0], s2 * r[1])
         # (three times the forward's refinement steps when Q is nearly singular: the
         # backward system's contraction factor delta |K^-1| can be close to 1 there)
-        x1, x2 = _kkt_solve(pre, chol_s, m, e_hat, r_hat, steps + 3 * pre.refine)
+        x1, x2 = solve_scaled(r_hat, steps + 3 * pre.refine)
         a1, a2 = _kkt_apply(pre, m, e_hat, (x1, x2))
         res, r1_, r2_, x1_, x2_, q_, c_, e_ = _amaxes(
             jnp.concatenate([a1 - r_hat[0], a2 - r_hat[1]]), *r_hat, x1, x2, pre.Q, pre.C,
@@ -935,9 +992,9 @@ def _polish(qp: _QP, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max_rounds
 
     def attempt(m):
         mm, e_ridge = active_system(p, m, ridge, dtype)
-        chol_s = _factor(pre, mm, e_ridge)
+        solve = _masked_solver(pre, mm, e_ridge, exact=1 - mm)
         rhs = (-c, jnp.concatenate([b, jnp.where(m, h, 0)]))
-        y, x2 = _kkt_solve(pre, chol_s, mm, 1 - mm, rhs, 2 + pre.refine, -pre.q_c)
+        y, x2 = solve(rhs, 2 + pre.refine, -pre.q_c)
         nu, lam = x2[:p], jnp.where(m, x2[p:], 0)
         Gy = jnp.where(valid, _mm(G, y), 0)
         bound = jnp.maximum(jnp.abs(h), jnp.abs(Gy))
