@@ -101,3 +101,19 @@ def test_defect9_badly_scaled_strictly_convex_qp():
     assert np.max(np.abs(stat)) <= 1e-8 * (1 + np.max(np.abs(Q @ y)) + np.max(np.abs(c)))
     assert np.all(G @ y - h <= 1e-8 * (1 + np.max(np.abs(h))))
     assert np.all(lam >= 0)
+
+
+@pytest.mark.parametrize("family, seed, index", [
+    ("lp", 3, 5), ("lp", 6, 6), ("singular_psd", 7, 5), ("singular_psd", 20, 4)])
+def test_defect9_float32_singular_q_hypergradients(family, seed, index):
+    # LPs and singular-PSD QPs with a unique solution, in float32 (cond(K) 2e3..1.5e4): the
+    # Schur complement of Q + delta I squared the conditioning and the adjoint came back with
+    # relative errors 0.01..184 at SUCCESS (and y 6e-3 off); judged by the property suite's
+    # reference (Clarabel + exact KKT hypergradient).
+    import qp_families as fam
+
+    problem = fam.batch(family, seed, 8)[index]
+    result = fam.run_batch([problem], "float32")[0]
+    verdict = fam.check(problem, result, "float32")
+    assert result.status == "SUCCESS" and verdict.ok, verdict.reasons
+    assert verdict.compared_grads, "the instance must compare hypergradients"

@@ -94,3 +94,34 @@ def test_defect10_looped_helpers_match_lax_and_differentiate():
         got = jax.vmap(order(ours))(A, b)
         want = jax.vmap(order(ref))(A, b)
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_defect10_looped_lu_matches_lax_under_vmap():
+    rng = np.random.default_rng(2)
+    A = jnp.asarray(rng.normal(size=(3, 6, 6)))
+    b = jnp.asarray(rng.normal(size=(3, 6)))
+    for transpose in (False, True):
+        x = jax.vmap(lambda A, b, t=transpose: ls.lu_solve(*ls.lu_factor(A), b, t))(A, b)
+        M = jnp.swapaxes(A, 1, 2) if transpose else A
+        np.testing.assert_allclose(x, jnp.linalg.solve(M, b[..., None])[..., 0], rtol=1e-10)
+
+
+def test_where_needed_runs_the_branch_only_for_a_batch_that_needs_it():
+    from bilevel_jax._src import vma
+
+    calls = []
+
+    def branch(x):
+        jax.debug.callback(lambda: calls.append(1))
+        return 2 * x
+
+    def f(x):
+        return vma.where_needed(x > 0, lambda: branch(x), -x)
+
+    x = jnp.array([-1.0, 3.0, -2.0])
+    np.testing.assert_array_equal(jax.jit(jax.vmap(f))(x), [1.0, 6.0, 2.0])
+    assert len(calls) == 1  # one trip for the whole batch
+    calls.clear()
+    np.testing.assert_array_equal(jax.jit(jax.vmap(f))(-jnp.abs(x)), [1.0, 3.0, 2.0])
+    assert not calls  # no member needed it: the branch never ran
+    np.testing.assert_array_equal(f(jnp.asarray(2.0)), 4.0)

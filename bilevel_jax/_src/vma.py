@@ -47,6 +47,7 @@ __all__ = [
     "unsupported",
     "vary_like",
     "varying_axes",
+    "where_needed",
     "while_loop",
 ]
 
@@ -268,6 +269,36 @@ def cond(pred, true_fun: Callable, false_fun: Callable, *operands):
     on_true = vary_like(true_fun(*operands), pred, operands)
     on_false = vary_like(false_fun(*operands), pred, operands)
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def where_needed(pred, fn: Callable, default: PyTree, *, like: PyTree = None) -> PyTree:
+    """``fn()`` where ``pred`` holds, else ``default``; ``fn`` runs only if some ``pred`` holds.
+
+    A :func:`cond` whose expensive branch is rare: under :func:`jax.vmap` a ``cond`` with a
+    batched predicate evaluates both branches for every member, while this one-trip
+    ``while_loop`` runs ``fn`` (for the whole batch, selected per member) only when at least
+    one member needs it, and not at all otherwise. Used for fallbacks (a dense LU where a
+    cheaper solve failed its check).
+
+    Args:
+      pred: scalar boolean.
+      fn: ``() -> tree`` with the structure, shapes and dtypes of ``default``.
+      default: the result where ``pred`` is false.
+      like: optional pytree whose varying axes the carry takes (see :func:`while_loop`).
+
+    Returns:
+      A tree like ``default``.
+    """
+
+    def body(state):
+        _, out = state
+        new = fn()
+        return jnp.ones((), bool), jax.tree_util.tree_map(
+            lambda a, b: jnp.where(pred, a, b), new, out)
+
+    _, out = while_loop(lambda s: pred & ~s[0], body, (jnp.zeros((), bool), default),
+                        like=(pred, like))
+    return out
 
 
 def jit_when_eager(fn: Callable, static_argnums: tuple) -> Callable:
