@@ -71,3 +71,39 @@ def test_two_sided_defaults_scalars_and_errors():
         bj.solve_qp(Q, c, l=0.0)
     traced = jax.jit(lambda lo: bj.solve_qp(Q, c, C=C, l=lo, u=0.0))(jnp.ones(3))
     assert int(traced.info.status) == bj.Status.INFEASIBLE
+
+
+def _argmin(Q, c, C, l, u, **kw):  # noqa: E741
+    return bj.argmin(lambda y, t: 0.5 * y @ Q @ y + t @ y, jnp.zeros(c.shape[0]), c,
+                     ineq=lambda t: (C, l, u), **kw)
+
+
+def test_argmin_two_sided_rows_match_solve_qp():
+    # ineq=lambda t: (C, l, u): the same solution, signed multipliers and hypergradients
+    # (w.r.t. c, l and u; row 2 has l == u) as solve_qp(C=, l=, u=).
+    Q, c, C, l, u = _data()  # noqa: E741
+    l = l.at[1].set(-jnp.inf)  # noqa: E741  (a one-sided row)
+    sol, ref = _argmin(Q, c, C, l, u), bj.solve_qp(Q, c, C=C, l=l, u=u)
+    assert int(sol.info.status) == bj.Status.SUCCESS
+    np.testing.assert_allclose(sol.y, ref.y, atol=1e-10)
+    np.testing.assert_allclose(sol.lam, ref.lam, atol=1e-8)
+    assert sol.lam.shape == (C.shape[0],)
+    v = jnp.arange(1.0, 6.0)
+    for argnum in (0, 1, 2):
+        got = jax.grad(lambda *x: v @ _argmin(Q, x[0], C, x[1], x[2]).y, argnum)(c, l, u)
+        want = jax.grad(lambda *x: v @ bj.solve_qp(Q, x[0], C=C, l=x[1], u=x[2]).y,
+                        argnum)(c, l, u)
+        np.testing.assert_allclose(got, want, atol=1e-8)
+
+
+def test_argmin_two_sided_crossed_bounds_and_shapes():
+    Q, c, C, l, u = _data()  # noqa: E741
+    with pytest.raises(ValueError, match="l > u at row 0"):
+        _argmin(Q, c, C, u + 1.0, u)
+    traced = jax.jit(lambda lo: _argmin(Q, c, C, lo, u))(u + 1.0)
+    assert int(traced.info.status) == bj.Status.INFEASIBLE
+    assert np.all(np.isnan(traced.y))
+    with pytest.raises(ValueError, match="l with shape"):
+        _argmin(Q, c, C, jnp.zeros(2), u)
+    with pytest.raises(TypeError, match="a pair \\(G, h\\) or a triple"):
+        bj.argmin(lambda y, t: y @ y, jnp.zeros(5), c, ineq=lambda t: (C,))

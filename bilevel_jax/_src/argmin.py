@@ -674,7 +674,14 @@ def argmin(
       theta: the parameters, any pytree.
       eq: ``eq(theta) -> (A, b)``, ``A`` of shape ``(m, n)`` acting on the flattened ``y``
         (``jax.flatten_util.ravel_pytree`` order), ``b`` of shape ``(m,)``.
-      ineq: ``ineq(theta) -> (G, h)``, ``G`` of shape ``(k, n)``, ``h`` of shape ``(k,)``.
+      ineq: ``ineq(theta) -> (G, h)``, ``G`` of shape ``(k, n)``, ``h`` of shape ``(k,)``
+        (``G y <= h``; ``h_i = +inf`` drops a row), or ``ineq(theta) -> (C, l, u)`` for
+        two-sided rows ``l <= C y <= u`` (the OSQP form; infinite ``l_i`` or ``u_i`` drop
+        that side). Two-sided rows are solved as ``[C; -C] y <= [u; -l]``, and ``lam`` holds
+        one *signed* multiplier per row of ``C``: positive where the upper bound is active,
+        negative at the lower one. A row with ``l_i == u_i`` is a pair of opposite
+        inequalities whose gradient splits between ``l_i`` and ``u_i``; pass equalities
+        through ``eq`` to differentiate their right-hand side.
       box: ``box(theta) -> (lo, hi)``, each a scalar or a pytree like ``y0``; infinite bounds
         allowed. Alone, it is handled matrix-free; with ``eq`` or ``ineq`` it becomes rows of
         ``G``.
@@ -717,7 +724,7 @@ def argmin(
 
     Raises:
       ValueError, TypeError: at trace time, for bad options or shapes (naming the argument),
-        or concrete box bounds with ``lo > hi``.
+        or concrete box bounds with ``lo > hi`` (or concrete two-sided rows with ``l > u``).
       SolveError: with ``throw=True``, on a failed status.
 
     Examples:
@@ -771,9 +778,11 @@ def argmin(
     for name, fn in (("eq", eq), ("ineq", ineq), ("box", box)):
         if fn is not None:
             converted[name], consts[name] = vma.closure_convert(fn, theta)
-    for name, fn, mat, vec in (("eq", eq, "A", "b"), ("ineq", ineq, "G", "h")):
-        if fn is not None:
-            _check_rows(name, fn, theta, n, mat, vec)
+    if eq is not None:
+        _check_rows("eq", eq, theta, n, "A", "b")
+    two_sided = ineq is not None and _check_rows("ineq", ineq, theta, n, "G", "h") == 3
+    if two_sided:
+        _check_two_sided_concrete(ineq, theta)
     if box is not None:
         _check_box_concrete(_box_bounds(box, theta, y0, unravel), box, theta)
     options = _Options(solver, hypergrad, linear_solver, float(tol), int(max_iter), float(ridge),
@@ -782,6 +791,8 @@ def argmin(
     y, nu, lam, info = _solve(fns, options, y0, theta,
                               (tuple(g_consts), {k: tuple(v) for k, v in consts.items()}))
     check_info(info, throw)
+    if two_sided:  # [C; -C] y <= [u; -l]: one signed multiplier per row of C
+        lam = lam[: lam.shape[0] // 2] - lam[lam.shape[0] // 2:]
     return Solution(unravel(y), nu if eq is not None else None,
                     lam if ineq is not None else None, info)
 
@@ -818,7 +829,12 @@ def _solve_traced(fns, options: _Options, y0, theta, consts):
 
     def call(name):
         def fn(p):
-            return tuple(jnp.asarray(a, dtype) for a in converted[name](p[0], *p[2][name]))
+            out = tuple(jnp.asarray(a, dtype) for a in converted[name](p[0], *p[2][name]))
+            if len(out) == 3:  # two-sided rows l <= C y <= u
+                C, lo, hi = out
+                lo, hi = (jnp.broadcast_to(v, C.shape[:1]) for v in (lo, hi))
+                return jnp.concatenate([C, -C]), jnp.concatenate([hi, -lo])
+            return out
         return fn
 
     m_eq = 0 if eq_conv is None else jax.eval_shape(call("eq"), params)[0].shape[0]
@@ -1036,13 +1052,27 @@ def _rank_tol(A):
 
 
 def _check_rows(arg, fn, theta, n, mat, vec):
-    """Check ``fn(theta) -> (M, v)`` with ``M`` of shape ``(rows, n)``; return ``rows``."""
+    """Check ``fn(theta) -> (M, v)``, ``M`` of shape ``(rows, n)``; return the tuple's length.
+
+    For ``ineq`` a triple ``(C, l, u)`` (two-sided rows) is accepted too, and 3 returned.
+    """
     try:
         out = jax.eval_shape(fn, theta)
     except Exception as err:
         raise TypeError(f"{arg}(theta) could not be evaluated: {err}") from err
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError(f"{arg}(theta) must return a pair ({mat}, {vec}).")
+    triple = arg == "ineq" and isinstance(out, (tuple, list)) and len(out) == 3
+    if not (isinstance(out, (tuple, list)) and (len(out) == 2 or triple)):
+        what = f"a pair ({mat}, {vec})" + (" or a triple (C, l, u)" if arg == "ineq" else "")
+        raise TypeError(f"{arg}(theta) must return {what}.")
+    if triple:
+        M, mat = out[0], "C"
+        for vec, v in zip(("l", "u"), out[1:], strict=True):
+            if tuple(v.shape) not in ((), (M.shape[0],) if len(M.shape) == 2 else ()):
+                raise ValueError(
+                    f"ineq(theta) returned {vec} with shape {tuple(v.shape)} but C has shape "
+                    f"{tuple(M.shape)}; {vec} must be a scalar or have shape (rows,)."
+                )
+        out = (M, jnp.zeros(M.shape[:1]))
     M, v = out
     if len(M.shape) != 2 or M.shape[1] != n:
         raise ValueError(
@@ -1056,7 +1086,25 @@ def _check_rows(arg, fn, theta, n, mat, vec):
         )
     if M.shape[0] == 0:
         raise ValueError(f"{arg}(theta) returned {mat} with no rows; pass {arg}=None instead.")
-    return M.shape[0]
+    return 3 if triple else 2
+
+
+def _check_two_sided_concrete(ineq, theta):
+    """Raise ``ValueError`` if ``ineq(theta) -> (C, l, u)`` has concrete ``l > u`` somewhere.
+
+    Bounds that depend on a traced ``theta`` are checked at run time instead (the interior
+    point's infeasibility certificate: ``Status.INFEASIBLE``).
+    """
+    with jax.ensure_compile_time_eval():
+        _, lo, hi = ineq(theta)
+        crossed = crossed_bounds(lo, hi)
+    if crossed is None:
+        return
+    lo, hi, bad = crossed
+    if bad.size:
+        i = bad[0]
+        raise ValueError(f"ineq(theta) returned l > u at row {i} (l = {lo[i]}, u = {hi[i]}): "
+                         "the set l <= C y <= u is empty.")
 
 
 def _check_box_concrete(bounds, box, theta):
