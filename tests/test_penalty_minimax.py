@@ -340,3 +340,31 @@ def test_group_dro_benchmark_small():
     for row in tuned:
         assert row[1] < dro[1]  # worst-group validation loss
         assert row[2] > erm[2]  # worst-group test accuracy
+
+
+def test_penalty_method_checks_the_multiplier_bound_of_a_lagrangian_reduction():
+    """g = lagrangian_minimax(...) itself (not its .lagrangian): the multiplier bound is
+    checked. T5 at rho = 100 (tol 1e-2) has lam = 0.5: with lam_max = 0.25 the method stopped
+    with SUCCESS on the saddle of the exact-penalty problem (lam at its bound); now
+    INFEASIBLE. With lam_max = 5 the result is SUCCESS and equals the one through
+    .lagrangian."""
+    small = lagrangian_minimax(t5_g, t5_c, jnp.zeros(2), jnp.zeros(2), lam_max=0.25)
+
+    def f(x, x2, y, lam, th):
+        return t5_f(x, y)
+
+    def run(g, tol=1e-2, **kw):
+        return penalty_bilevel_minimax(f, g, jnp.zeros(2), None, jnp.zeros(2), jnp.zeros(1),
+                                       rho0=100.0, rho_max=100.0, tol=tol, max_iter=100000,
+                                       **kw)
+
+    bad, good = run(small), run(LAG)
+    assert int(run(small.lagrangian, y2_set=small.lam_set).info.status) == (
+        Status.SUCCESS)  # what the plain Lagrangian cannot tell
+    assert int(bad.info.status) == Status.INFEASIBLE and not bool(bad.info.converged)
+    tree_allclose(bad.y2, np.asarray([0.25]))
+    assert int(good.info.status) == Status.SUCCESS
+    plain = run(LAG.lagrangian, y2_set=LAG.lam_set)
+    tree_allclose(good.x1, plain.x1, rtol=0, atol=1e-12)
+    with pytest.raises(bj.SolveError):
+        run(small, throw=True)

@@ -647,7 +647,8 @@ def penalty_bilevel_minimax(
     Status: ``SUCCESS`` (epsilon-KKT reached), ``MAX_STEPS`` (not reached by the last stage;
     ``info.residual`` says how far), ``NONFINITE``, ``DIVERGED`` (the inner solver
     diverged) or ``INFEASIBLE`` (an empty set given by traced data, e.g. ``Box(lo, hi)``
-    with ``lo > hi``; concrete empty sets are a ``ValueError``). Not differentiated: the
+    with ``lo > hi``; concrete empty sets are a ``ValueError``; or, with ``g`` a
+    :class:`LagrangianMinimax`, a multiplier at its bound ``lam_max``). Not differentiated: the
     outputs are the last iterate whatever the status (see :class:`bilevel_jax.Status`).
 
     Cost: each GDmax iteration costs ``ascent_steps + 1`` gradients of ``P``; the iteration
@@ -657,8 +658,11 @@ def penalty_bilevel_minimax(
 
     Args:
       f: ``f(x1, x2, y1, y2, theta) -> scalar``, concave in ``x2``.
-      g: ``g(x1, y1, y2, theta) -> scalar``, convex in ``y1``, concave in ``y2`` (e.g.
-        ``lagrangian_minimax(...).lagrangian``).
+      g: ``g(x1, y1, y2, theta) -> scalar``, convex in ``y1``, concave in ``y2``; or a
+        :class:`LagrangianMinimax` (from :func:`lagrangian_minimax`), whose ``lagrangian`` is
+        then ``g`` and whose ``lam_set`` is the default ``y2_set``. Passed that way, the
+        multiplier bound is checked: a result whose ``y2`` sits at ``lam_max`` is
+        ``INFEASIBLE`` (``lam_max`` too small, or no Slater point), not ``SUCCESS``.
       x1_0: initial upper-level minimiser (pytree of floats).
       x2_0: initial upper-level maximiser, or ``None`` if ``f`` has none.
       y1_0: initial lower-level minimiser; also the initial ``z1``.
@@ -707,6 +711,10 @@ def penalty_bilevel_minimax(
     """
     if inner_solver not in INNER_SOLVERS:
         raise ValueError(f"inner_solver must be one of {INNER_SOLVERS}, got {inner_solver!r}.")
+    reduction = g if isinstance(g, LagrangianMinimax) else None
+    if reduction is not None:
+        g = reduction.lagrangian
+        y2_set = reduction.lam_set if y2_set is None else y2_set
     concrete = all(isinstance(r, (int, float)) for r in (rho0, rho_growth, rho_max))
     if concrete:
         if not rho0 > 0:
@@ -811,11 +819,13 @@ def penalty_bilevel_minimax(
     status = jnp.where(done, Status.SUCCESS, Status.MAX_STEPS)
     status = jnp.where(bad, Status.DIVERGED, status)
     status = jnp.where(finite, status, Status.NONFINITE)
-    empty = sets_empty(pen.u_sets) | sets_empty(pen.v_sets)
-    status = jnp.where(empty, Status.INFEASIBLE, status)
-    info = make_info(steps, residual, done & finite & ~bad & ~empty, status)
-    check_info(info, throw)
+    infeasible = sets_empty(pen.u_sets) | sets_empty(pen.v_sets)
     x1, y1, y2 = unravel_u(u)
+    if reduction is not None:  # the saddle of the exact-penalty problem, not the constrained one
+        infeasible = infeasible | (done & reduction.bound_active(ravel_pytree(y2)[0]))
+    status = jnp.where(infeasible, Status.INFEASIBLE, status)
+    info = make_info(steps, residual, done & finite & ~bad & ~infeasible, status)
+    check_info(info, throw)
     x2, z1, z2 = unravel_v(v)
     return PenaltyMinimaxSolution(x1, x2, y1, y2, z1, z2, rho, kkt, info)
 
