@@ -32,7 +32,7 @@ def _t1_outputs(mode, **kwargs):
     """Jittable ``th -> (x, y, VJP with (1, 1), dx/dth, dy/dth)`` on T1."""
 
     def fn(th):
-        sol = bilevel_layer(f_t1, g_t1, 0.0, 0.0, th, mode=mode, **kwargs)
+        sol = bilevel_layer(f_t1, g_t1, 0.0, 0.0, th, hypergrad=mode, **kwargs)
         return sol.x, sol.y
 
     def all_outputs(th):
@@ -111,7 +111,7 @@ def _t2_value_and_jac(mode="saddle"):
 
 def _stacked(f, g, mode="saddle", **kwargs):
     def fn(th):
-        sol = bilevel_layer(f, g, jnp.zeros(3), jnp.zeros(4), th, mode=mode, **kwargs)
+        sol = bilevel_layer(f, g, jnp.zeros(3), jnp.zeros(4), th, hypergrad=mode, **kwargs)
         return jnp.concatenate([sol.x, sol.y])
 
     return fn
@@ -257,7 +257,7 @@ def _eq_small(x, z):
 
 
 def _eq_layer(z, mode):
-    sol = bilevel_layer(f_small, g_small, 0.0, jnp.zeros(2), z, eq=_eq_small, mode=mode,
+    sol = bilevel_layer(f_small, g_small, 0.0, jnp.zeros(2), z, eq=_eq_small, hypergrad=mode,
                         tol=1e-12)
     return jnp.concatenate([jnp.atleast_1d(sol.x), sol.y]), sol
 
@@ -314,12 +314,12 @@ def test_bad_input_is_named_at_trace_time():
     x0, y0 = jnp.zeros(3), jnp.zeros(4)
     f, g = _t2_problem()
     th = jnp.zeros(2)
-    with pytest.raises(ValueError, match="mode"):
-        bilevel_layer(f, g, x0, y0, th, mode="newton")
+    with pytest.raises(ValueError, match="hypergrad"):
+        bilevel_layer(f, g, x0, y0, th, hypergrad="newton")
     with pytest.raises(ValueError, match="solver"):
         bilevel_layer(f, g, x0, y0, th, solver="bfgs")
     with pytest.raises(ValueError, match="linear_solver='minres'"):
-        bilevel_layer(f, g, x0, y0, th, mode="schur", linear_solver="minres")
+        bilevel_layer(f, g, x0, y0, th, hypergrad="schur", linear_solver="minres")
     with pytest.raises(TypeError, match="f\\(x, y, z\\) must return a scalar"):
         bilevel_layer(lambda x, y, z: x, g, x0, y0, th)
     with pytest.raises(TypeError, match="g\\(x0, y0, z\\) could not be evaluated"):

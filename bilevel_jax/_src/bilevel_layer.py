@@ -21,7 +21,7 @@ source of truth for the stopping test (``info.residual``) and the backward pass:
     grad_x L = U = grad_x f - G_x^T lam   (the reduced gradient of phi(x) = f(x, y*(x), z)),
     grad_w L = grad_w f - G_w^T lam,      grad_lam L = -G .
 
-Backward passes (``mode``), for output cotangents ``(xbar, ybar)``:
+Backward passes (``hypergrad``), for output cotangents ``(xbar, ybar)``:
 
 * ``"saddle"`` (default): ``K = d^2 L / d zeta^2`` is symmetric indefinite; solve
   ``K u = (xbar, ybar, 0)`` once (dense LU when small, else MINRES) and return
@@ -56,7 +56,7 @@ from bilevel_jax._src.validation import check_option, check_scalar_output, flatt
 
 __all__ = ["BilevelSolution", "SaddleSystem", "bilevel_layer", "saddle_system"]
 
-MODES = ("saddle", "schur", "gauss_newton")
+HYPERGRADS = ("saddle", "schur", "gauss_newton")
 SOLVERS = ("auto", "newton", "lbfgs")
 INNER_SOLVERS = ("auto", "newton", "lbfgs", "gradient")
 LINEAR_SOLVERS = ("auto", "dense", "lu", "minres", "gmres", "normal_cg")
@@ -456,7 +456,7 @@ def bilevel_layer(
     z: PyTree,
     *,
     eq: Callable | None = None,
-    mode: str = "saddle",
+    hypergrad: str = "saddle",
     solver: str = "auto",
     inner_solver: str = "auto",
     linear_solver: str = "auto",
@@ -487,7 +487,7 @@ def bilevel_layer(
     backtracking, each trial point re-solving the lower level (warm started) by damped
     Newton on ``G = 0`` (or by :func:`~bilevel_jax.argmin` with the ``inner_solver`` named);
     or L-BFGS on ``phi`` (``solver="lbfgs"``) with ``grad phi`` from ``argmin``'s implicit
-    rule. Backward pass (``mode``): the symmetric saddle system on ``K = d^2 L /
+    rule. Backward pass (``hypergrad``): the symmetric saddle system on ``K = d^2 L /
     d zeta^2``, ``zeta = (x, w, lam)``:
 
     .. math:: \bar z = -K_z^T K^{-1} [\bar x; \bar y; 0],
@@ -526,7 +526,7 @@ def bilevel_layer(
       eq: optional lower-level equalities ``eq(x, z) -> (A, b)``, ``A`` of shape
         ``(m, n_y)`` acting on the flattened ``y``, ``b`` of shape ``(m,)``; may depend on
         ``x`` (coupled constraints).
-      mode: backward pass, ``"saddle"`` (default), ``"schur"`` or ``"gauss_newton"``.
+      hypergrad: backward pass, ``"saddle"`` (default), ``"schur"`` or ``"gauss_newton"``.
       solver: upper-level solver, ``"newton"``, ``"lbfgs"`` or ``"auto"`` (Newton when
         ``n_x + n_w <= NEWTON_MAX_SIZE`` (200), else L-BFGS).
       inner_solver: lower-level solver: ``"auto"`` (dense damped Newton with the Newton
@@ -534,13 +534,13 @@ def bilevel_layer(
         ``solver`` (``"newton"``, ``"lbfgs"``, ``"gradient"``).
       linear_solver: backward solve: ``"auto"`` (dense LU up to 1000 unknowns, else MINRES
         (``"saddle"``, ``"gauss_newton"``) or GMRES (``"schur"``)), ``"dense"``, ``"lu"``,
-        ``"minres"`` (symmetric modes only), ``"gmres"`` or ``"normal_cg"``.
+        ``"minres"`` (symmetric rules only), ``"gmres"`` or ``"normal_cg"``.
       tol: relative tolerance on ``||U||`` (default 1e-10 in float64, 1e-5 in float32).
       inner_tol: lower-level tolerance (default: ``argmin``'s).
       max_iter: upper-level iteration limit (default 100 Newton, 1000 L-BFGS steps).
       inner_max_iter: lower-level iteration limit (default: ``argmin``'s).
-      ridge: ``ridge >= 0`` added to the backward system (``K``, or ``S`` in ``"schur"``
-        mode); the result is then the push-back of the regularised system.
+      ridge: ``ridge >= 0`` added to the backward system (``K``, or ``S`` with
+        ``hypergrad="schur"``); the result is then the push-back of the regularised system.
       throw: raise :class:`~bilevel_jax.SolveError` if the status is a failure (neither
         ``SUCCESS`` nor ``RANK_DEFICIENT``); under ``jax.jit`` it arrives as the
         ``jax.errors.JaxRuntimeError`` that ``SolveError`` subclasses. Off by default (see
@@ -568,14 +568,14 @@ def bilevel_layer(
       Alesiani. Implicit Bilevel Optimization: Differentiating through Bilevel Optimization
       Programming. AAAI 2023 (arXiv 2302.14473).
     """
-    check_option("mode", mode, MODES)
+    check_option("hypergrad", hypergrad, HYPERGRADS)
     check_option("solver", solver, SOLVERS)
     check_option("inner_solver", inner_solver, INNER_SOLVERS)
     check_option("linear_solver", linear_solver, LINEAR_SOLVERS)
-    if mode == "schur" and linear_solver == "minres":
+    if hypergrad == "schur" and linear_solver == "minres":
         raise ValueError(
             "linear_solver='minres' needs a symmetric system; the Schur complement S^T of "
-            "mode='schur' is not symmetric away from the solution: use 'gmres' or 'dense'."
+            "hypergrad='schur' is not symmetric away from the solution: use 'gmres' or 'dense'."
         )
     for name, value in (("tol", tol), ("inner_tol", inner_tol)):
         if value is not None and not value > 0:
@@ -607,13 +607,13 @@ def bilevel_layer(
 
     zeta0 = jnp.concatenate([x0f, y0f, jnp.zeros(problem.m + problem.nw, dtype)])
     zeta0 = jax.lax.stop_gradient(zeta0)
-    if mode == "schur":
+    if hypergrad == "schur":
         backward = _schur_backward(problem, linear_solver, ridge, throw)
         zeta, aux = custom_solution(solve, backward, zeta0, params)
     else:
         # linear_solve's "auto" picks dense LU up to DENSE_MAX_SIZE unknowns, else MINRES, for
         # the symmetric indefinite K.
-        residual = problem.residual if mode == "saddle" else problem.residual_gauss_newton
+        residual = problem.residual if hypergrad == "saddle" else problem.residual_gauss_newton
         adjoint = _saddle_adjoint(linear_solver, ridge, throw)
         zeta, aux = implicit_solution(solve, residual, adjoint, zeta0, params)
 
