@@ -658,3 +658,30 @@ def test_invalid_ridge_and_options():
         ls.solve_cg(mv(a), np.zeros((N, 2)))
     with pytest.raises(TypeError, match="real"):
         ls.solve_cg(mv(a), np.zeros(N, np.complex128))
+
+
+def test_hessian_by_materialize_equals_jax_hessian():
+    # ls.hessian keeps products A v symbolic (A itself, no A @ I): the same matrix as
+    # jax.hessian on quadratic, non-quadratic, control-flow and jitted-inner functions, under
+    # jit and vmap, and differentiable.
+    rng = np.random.default_rng(0)
+    n = 6
+    Q = jnp.asarray(rng.normal(size=(n, n)))
+    P = jnp.asarray(rng.normal(size=(3, n)))
+    inner = jax.jit(lambda y: jnp.sum(jnp.tanh(P @ y)))
+    funs = [
+        lambda y: 0.5 * y @ Q @ y,
+        lambda y: 0.5 * jnp.dot(y, jnp.dot(Q.T, y)) + jnp.sum(jnp.sin(y)) - 3.0 * y @ y,
+        lambda y: jnp.sum((P @ y) ** 2) + jnp.sum(y**4) + jnp.linalg.norm(Q @ y + 1.0) ** 2,
+        lambda y: jax.nn.logsumexp(Q @ y) + inner(y) + jnp.sum(jnp.where(y > 0, y**3, -y)),
+        lambda y: jnp.sum(y),  # Hessian 0
+    ]
+    ys = jnp.asarray(rng.normal(size=(2, n)))
+    for fun in funs:
+        want = jax.vmap(jax.hessian(fun))(ys)
+        np.testing.assert_allclose(ls.hessian(fun, ys[0]), want[0], rtol=1e-12, atol=1e-12)
+        got = jax.jit(jax.vmap(lambda y, fun=fun: ls.hessian(fun, y)))(ys)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    dQ = jax.grad(lambda Q: jnp.sum(jnp.sin(ls.hessian(lambda y: y @ Q @ y, ys[0]))))(Q)
+    dQ_ref = jax.grad(lambda Q: jnp.sum(jnp.sin(jax.hessian(lambda y: y @ Q @ y)(ys[0]))))(Q)
+    np.testing.assert_allclose(dQ, dQ_ref, rtol=1e-12, atol=1e-12)

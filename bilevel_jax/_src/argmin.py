@@ -206,7 +206,7 @@ def _newton(fun, y0, affine, tol, max_iter, unrolled=False):
     P = None if affine is None else eye - affine.pinv @ affine.A
 
     def reduced_hessian(y):
-        hess = jax.hessian(fun)(y)
+        hess = ls.hessian(fun, y)
         return hess if P is None else P @ hess @ P + (eye - P)
 
     def model(y):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilevel_jax._src import kkt, qp, vma
+from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.types import Array, Status
 
 
@@ -129,7 +130,7 @@ def sqp(fun: Callable, y0, A, b, G, h, tol, max_iter) -> SQPResult:
         return H, jax.grad(fun)(y) - H @ y, A, b, G, h
 
     def subproblem(y):
-        H = jax.hessian(fun)(y)
+        H = ls.hessian(fun, y)
         z, fw = qp.solve_forward(data(y, H), (y, zero_nu, zero_lam), False, True, 0.0, tol,
                                  qp.default_options(dtype)["max_iter"])
         return H, z, fw

