@@ -542,6 +542,12 @@ def _linear_eqn(eqn, params, ins, linear):
                 return _Diag(probe, diag[0].d - diag[1].d)
             if name in ("convert_element_type", "copy"):
                 return _Diag(probe, diag[0].d)
+        # Reshapes that keep the vector as it is (ravel_pytree's unravel of one array is a
+        # one-piece split) pass the diagonal through.
+        if name == "split" and len(params["sizes"]) == 1:
+            return [diag[0]]
+        if name in ("reshape", "squeeze") and eqn.outvars[0].aval.shape == (n,):
+            return diag[0]
         if name == "dot_general" and len(diag) == 1:
             (contract_l, contract_r), (batch_l, batch_r) = params["dimension_numbers"]
             i = linear.index(True)
