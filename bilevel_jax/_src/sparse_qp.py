@@ -511,21 +511,24 @@ def _polish(specs, theta, s: _Scaling, sops, g_norm, guess: _Masks, start, tol, 
         ok = ok_g & ok_l & ok_h & finite & (res <= tol)
         # The upper bound wins where both sides would be guessed (only when lo == hi).
         update = _Masks(up_g, up_l & ~up_h, up_h)
-        return (y, nu, jnp.maximum(lam, 0), zb), ok, update, u
+        return (y, nu, jnp.maximum(lam, 0), zb), ok, update, u, sol.converged
 
     def cond(st):
-        return (st[0] < opts.max_rounds) & ~st[2]
+        return (st[0] < opts.max_rounds) & ~st[2] & st[5]
 
     def body(st):
-        it, _, _, m, x0 = st
-        z, ok, update, u = attempt(m, x0)
+        it, _, _, m, x0, _ = st
+        z, ok, update, u, solved = attempt(m, x0)
         nxt = jax.tree.map(lambda a, b_: jnp.where(ok, a, b_), m, update)
-        return it + 1, z, ok, nxt, u
+        return it + 1, z, ok, nxt, u, solved
 
     z0 = (jnp.zeros((n,), dtype), jnp.zeros((p,), dtype), jnp.zeros((k,), dtype),
           jnp.zeros((n,), dtype))
-    st = (jnp.asarray(0, jnp.int32), z0, jnp.asarray(False), guess, start)
-    _, z, ok, m, _ = vma.while_loop(cond, body, st, like=theta)
+    # A guess whose system MINRES cannot solve (typically inconsistent: active rows that
+    # contradict the fixed variables, read from a rough ADMM point) ends the rounds: an
+    # active-set step from an unsolved system has no meaning; ADMM goes on instead.
+    st = (jnp.asarray(0, jnp.int32), z0, jnp.asarray(False), guess, start, jnp.asarray(True))
+    _, z, ok, m, _, _ = vma.while_loop(cond, body, st, like=theta)
     return z, ok, m
 
 
