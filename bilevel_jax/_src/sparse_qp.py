@@ -35,8 +35,11 @@ or linear operators (functions ``v -> M v``), and every other argument a vector.
 
    (``M`` the active rows of ``G``, ``B`` the variables at a bound ``beta``, ``z`` the signed
    bound multiplier), with the primal-dual active-set corrections accepted by
-   :func:`bilevel_jax._src.kkt.polish_verdict`. When a polish is rejected, ADMM resumes with a
-   100 times tighter tolerance and the polish is tried again.
+   :func:`bilevel_jax._src.kkt.polish_verdict`. A guess whose system MINRES does not solve
+   (typically inconsistent: guessed active rows that contradict the fixed variables, read from
+   a rough ADMM point) ends the polish at once, since an active-set step from an unsolved
+   system means nothing. When a polish is rejected, ADMM resumes with a 100 times tighter
+   tolerance and the polish is tried again.
 
 **Backward.** The implicit function theorem on the masked residual of that system (the
 matrix above is its Jacobian in ``(y, nu, lam, z)``), through
