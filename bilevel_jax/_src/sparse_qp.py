@@ -35,8 +35,11 @@ or linear operators (functions ``v -> M v``), and every other argument a vector.
 
    (``M`` the active rows of ``G``, ``B`` the variables at a bound ``beta``, ``z`` the signed
    bound multiplier), with the primal-dual active-set corrections accepted by
-   :func:`bilevel_jax._src.kkt.polish_verdict`. When a polish is rejected, ADMM resumes with a
-   100 times tighter tolerance and the polish is tried again.
+   :func:`bilevel_jax._src.kkt.polish_verdict`. A guess whose system MINRES does not solve
+   (typically inconsistent: guessed active rows that contradict the fixed variables, read from
+   a rough ADMM point) ends the polish at once, since an active-set step from an unsolved
+   system means nothing. When a polish is rejected, ADMM resumes with a 100 times tighter
+   tolerance and the polish is tried again.
 
 **Backward.** The implicit function theorem on the masked residual of that system (the
 matrix above is its Jacobian in ``(y, nu, lam, z)``), through
@@ -511,21 +514,24 @@ def _polish(specs, theta, s: _Scaling, sops, g_norm, guess: _Masks, start, tol, 
         ok = ok_g & ok_l & ok_h & finite & (res <= tol)
         # The upper bound wins where both sides would be guessed (only when lo == hi).
         update = _Masks(up_g, up_l & ~up_h, up_h)
-        return (y, nu, jnp.maximum(lam, 0), zb), ok, update, u
+        return (y, nu, jnp.maximum(lam, 0), zb), ok, update, u, sol.converged
 
     def cond(st):
-        return (st[0] < opts.max_rounds) & ~st[2]
+        return (st[0] < opts.max_rounds) & ~st[2] & st[5]
 
     def body(st):
-        it, _, _, m, x0 = st
-        z, ok, update, u = attempt(m, x0)
+        it, _, _, m, x0, _ = st
+        z, ok, update, u, solved = attempt(m, x0)
         nxt = jax.tree.map(lambda a, b_: jnp.where(ok, a, b_), m, update)
-        return it + 1, z, ok, nxt, u
+        return it + 1, z, ok, nxt, u, solved
 
     z0 = (jnp.zeros((n,), dtype), jnp.zeros((p,), dtype), jnp.zeros((k,), dtype),
           jnp.zeros((n,), dtype))
-    st = (jnp.asarray(0, jnp.int32), z0, jnp.asarray(False), guess, start)
-    _, z, ok, m, _ = vma.while_loop(cond, body, st, like=theta)
+    # A guess whose system MINRES cannot solve (typically inconsistent: active rows that
+    # contradict the fixed variables, read from a rough ADMM point) ends the rounds: an
+    # active-set step from an unsolved system has no meaning; ADMM goes on instead.
+    st = (jnp.asarray(0, jnp.int32), z0, jnp.asarray(False), guess, start, jnp.asarray(True))
+    _, z, ok, m, _, _ = vma.while_loop(cond, body, st, like=theta)
     return z, ok, m
 
 
