@@ -193,8 +193,9 @@ def qp_adjoint(vjp_z, zbar, z, ineq: Inequalities, factors, steps=3):
 
     ``K`` (the Jacobian of :func:`masked_residual`, symmetric) is applied exactly through
     ``vjp_z``; the factorisation of the last SQP subproblem (the Hessian at the iterate before
-    the last step) preconditions ``steps`` refinement steps. For a quadratic ``g`` the two
-    matrices are equal and the refinement only removes rounding; otherwise the factor is
+    the last step) preconditions at most ``steps`` refinement steps, which stop at a backward
+    error of ``100 eps``. For a quadratic ``g`` the two matrices are equal and no refinement
+    is needed; otherwise the factor is
     within the last step's length of the exact one and the refinement converges fast. The
     result is NaN when the backward error is not below ``sqrt(eps)`` (a singular system).
     """
@@ -211,15 +212,30 @@ def qp_adjoint(vjp_z, zbar, z, ineq: Inequalities, factors, steps=3):
         a = vjp_z((w, mu[:p], mu[p:]))
         return a[0], jnp.concatenate([a[1], a[2]])
 
-    def refine(_, x):
-        a = apply(x)
-        dx, _ = solve((r[0] - a[0], r[1] - a[1]))
-        return x[0] + dx[0], x[1] + dx[1]
+    eps = jnp.finfo(dtype).eps
 
-    x = vma.fori_loop(0, steps, refine, solve(r)[0])
-    a = apply(x)
-    res, r_, a_ = (jnp.max(jnp.abs(jnp.concatenate(v))) for v in
-                   ((a[0] - r[0], a[1] - r[1]), r, a))
-    ok = res <= jnp.sqrt(jnp.finfo(dtype).eps) * (r_ + a_)
+    def error(x):  # (residual r - K x, its size, the size of r + K x)
+        a = apply(x)
+        d = (r[0] - a[0], r[1] - a[1])
+        sizes = (jnp.max(jnp.abs(jnp.concatenate(v))) for v in (d, r, a))
+        res, r_, a_ = sizes
+        return d, res, r_ + a_
+
+    def cond(state):
+        i, _, (_, res, scale) = state
+        return (i < steps) & (res > 100 * eps * scale)
+
+    def refine(state):
+        i, x, (d, _, _) = state
+        dx, _ = solve(d)
+        x = (x[0] + dx[0], x[1] + dx[1])
+        return i + 1, x, error(x)
+
+    # Refinement stops once the backward error is at rounding level: for a quadratic g the
+    # first solve is exact and no step runs (each cost 0.8 ms at n = 200, a third of argmin's
+    # hypergradient time).
+    x = solve(r)[0]
+    _, x, (_, res, scale) = vma.while_loop(cond, refine, (jnp.asarray(0), x, error(x)))
+    ok = res <= jnp.sqrt(eps) * scale
     w, mu = (jnp.where(ok, v, jnp.nan) for v in x)
     return w, mu[:p], mu[p:]
