@@ -116,7 +116,7 @@ def test_where_needed_runs_the_branch_only_for_a_batch_that_needs_it():
         return 2 * x
 
     def f(x):
-        return vma.where_needed(x > 0, lambda: branch(x), -x)
+        return vma.where_needed(x > 0, branch, -x, x)
 
     x = jnp.array([-1.0, 3.0, -2.0])
     np.testing.assert_array_equal(jax.jit(jax.vmap(f))(x), [1.0, 6.0, 2.0])
@@ -125,3 +125,6 @@ def test_where_needed_runs_the_branch_only_for_a_batch_that_needs_it():
     np.testing.assert_array_equal(jax.jit(jax.vmap(f))(-jnp.abs(x)), [1.0, 3.0, 2.0])
     assert not calls  # no member needed it: the branch never ran
     np.testing.assert_array_equal(f(jnp.asarray(2.0)), 4.0)
+    np.testing.assert_array_equal(jax.jit(f)(jnp.asarray(-2.0)), 2.0)
+    np.testing.assert_allclose(jax.grad(f)(jnp.asarray(2.0)), 2.0)  # differentiable
+    np.testing.assert_allclose(jax.vmap(jax.grad(f))(x), [-1.0, 2.0, -1.0])

@@ -653,38 +653,38 @@ def _masked_solver(pre: _Prepared, m, e, delta=None, exact=None):
     """
     chol_s = _factor(pre, m, e, delta)
     e = e if exact is None else exact
-    n = pre.Q.shape[0]
     eps = float(jnp.finfo(pre.Q.dtype).eps)
-
-    def check(r, x):
-        x1, x2 = x
-        a1, a2 = _kkt_apply(pre, m, e, x)
-        res, r1_, r2_, x1_, x2_, q_, c_, e_ = _amaxes(
-            jnp.concatenate([a1 - r[0], a2 - r[1]]), *r, x1, x2, pre.Q, pre.C, e)
-        scale = jnp.maximum(r1_, r2_) + (q_ + c_) * jnp.maximum(x1_, x2_) + e_ * x2_
-        return res <= jnp.sqrt(eps) * scale
-
-    def by_lu(r):
-        lu, piv = ls.lu_factor(_kkt_dense(pre, m, e))
-        rr = jnp.concatenate(r)
-        xx = ls.lu_solve(lu, piv, rr)
-        a1, a2 = _kkt_apply(pre, m, e, (xx[:n], xx[n:]))
-        xx = xx + ls.lu_solve(lu, piv, rr - jnp.concatenate([a1, a2]))
-        return xx[:n], xx[n:]
 
     def solve(r, steps, t=None):
         x = _kkt_solve(pre, chol_s, m, e, r, steps, t)
-        ok = check(r, x)
+        ok = _backward_ok(pre, m, e, r, x)
         need = ~ok | (pre.singular & (eps > 1e-10))
-
-        def fallback():
-            x_lu = by_lu(r)
-            ok_lu = check(r, x_lu) & jnp.all(jnp.isfinite(jnp.concatenate(x_lu)))
-            return tuple(jnp.where(ok_lu, a, b) for a, b in zip(x_lu, x, strict=True)), ok_lu | ok
-
-        return vma.where_needed(need, fallback, (x, ok), like=r)
+        return vma.where_needed(need, _lu_fallback, (x, ok), pre, m, e, r, x, ok)
 
     return solve
+
+
+def _backward_ok(pre: _Prepared, m, e, r, x):
+    """Whether ``x`` solves ``K(m, e) x = r`` to a normwise backward error of ``sqrt(eps)``."""
+    x1, x2 = x
+    a1, a2 = _kkt_apply(pre, m, e, x)
+    res, r1_, r2_, x1_, x2_, q_, c_, e_ = _amaxes(
+        jnp.concatenate([a1 - r[0], a2 - r[1]]), *r, x1, x2, pre.Q, pre.C, e)
+    scale = jnp.maximum(r1_, r2_) + (q_ + c_) * jnp.maximum(x1_, x2_) + e_ * x2_
+    return res <= jnp.sqrt(jnp.finfo(x1.dtype).eps) * scale
+
+
+def _lu_fallback(pre: _Prepared, m, e, r, x, ok):
+    """``(x, ok)`` of :func:`_masked_solver` replaced by a dense LU solve where that passes."""
+    n = pre.Q.shape[0]
+    lu, piv = ls.lu_factor(_kkt_dense(pre, m, e))
+    rr = jnp.concatenate(r)
+    xx = ls.lu_solve(lu, piv, rr)
+    a1, a2 = _kkt_apply(pre, m, e, (xx[:n], xx[n:]))
+    xx = xx + ls.lu_solve(lu, piv, rr - jnp.concatenate([a1, a2]))
+    x_lu = (xx[:n], xx[n:])
+    ok_lu = _backward_ok(pre, m, e, r, x_lu) & jnp.all(jnp.isfinite(xx))
+    return tuple(jnp.where(ok_lu, a, b) for a, b in zip(x_lu, x, strict=True)), ok_lu | ok
 
 
 def original_solver(pre: _Prepared, sc: _Scaling, m, e, delta=None, steps=1, ridge=0.0):

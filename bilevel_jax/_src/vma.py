@@ -271,34 +271,76 @@ def cond(pred, true_fun: Callable, false_fun: Callable, *operands):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-def where_needed(pred, fn: Callable, default: PyTree, *, like: PyTree = None) -> PyTree:
-    """``fn()`` where ``pred`` holds, else ``default``; ``fn`` runs only if some ``pred`` holds.
+def where_needed(pred, fn: Callable, default: PyTree, *operands: PyTree) -> PyTree:
+    """``fn(*operands)`` where ``pred`` holds, else ``default``; ``fn`` runs only if needed.
 
-    A :func:`cond` whose expensive branch is rare: under :func:`jax.vmap` a ``cond`` with a
-    batched predicate evaluates both branches for every member, while this one-trip
-    ``while_loop`` runs ``fn`` (for the whole batch, selected per member) only when at least
-    one member needs it, and not at all otherwise. Used for fallbacks (a dense LU where a
-    cheaper solve failed its check).
+    A :func:`cond` whose expensive branch is rare. Unbatched it *is* :func:`cond` (the branch
+    runs only when ``pred`` holds). Under :func:`jax.vmap`, where a ``cond`` with a batched
+    predicate evaluates both branches for every member, a one-trip ``while_loop`` runs the
+    vmapped ``fn`` (its results selected per member) only when some member needs it, and not
+    at all otherwise (a ``jax.custom_batching.custom_vmap`` rule). The loop is not used
+    unbatched: measured on ``solve_qp``'s hypergradient at ``n = 200``, an unexecuted
+    ``while_loop`` there cost 2 ms of 2.5 ms (XLA:CPU), a ``cond`` nothing. Used for
+    fallbacks (a dense LU where a cheaper solve failed its check).
 
     Args:
       pred: scalar boolean.
-      fn: ``() -> tree`` with the structure, shapes and dtypes of ``default``.
+      fn: ``fn(*operands) -> tree`` with the structure, shapes and dtypes of ``default``; a
+        pure function of its operands (it must not close over traced values).
       default: the result where ``pred`` is false.
-      like: optional pytree whose varying axes the carry takes (see :func:`while_loop`).
+      *operands: the arrays (pytrees) ``fn`` reads.
 
     Returns:
-      A tree like ``default``.
+      A tree like ``default``. Differentiable as the plain :func:`cond`.
     """
+    return _where_needed(fn)(pred, default, *operands)
 
-    def body(state):
-        _, out = state
-        new = fn()
-        return jnp.ones((), bool), jax.tree_util.tree_map(
-            lambda a, b: jnp.where(pred, a, b), new, out)
 
-    _, out = while_loop(lambda s: pred & ~s[0], body, (jnp.zeros((), bool), default),
-                        like=(pred, like))
-    return out
+def _cond_version(fn):
+    def plain(pred, default, *operands):
+        return cond(pred, lambda: fn(*operands), lambda: vary_like(default, pred, operands))
+
+    return plain
+
+
+def _where_needed(fn):
+    plain = _cond_version(fn)
+
+    @jax.custom_batching.custom_vmap
+    def run(pred, default, *operands):
+        return plain(pred, default, *operands)
+
+    @run.def_vmap
+    def _rule(axis_size, in_batched, pred, default, *operands):
+        def batched(x, b):
+            return jax.tree_util.tree_map(
+                lambda a, flag: a if flag else jnp.broadcast_to(a, (axis_size, *jnp.shape(a))),
+                x, b)
+
+        pred = batched(pred, in_batched[0])
+        default = batched(default, in_batched[1])
+        operands = tuple(batched(o, b) for o, b in zip(operands, in_batched[2:], strict=True))
+
+        def body(state):
+            _, out = state
+            new = jax.vmap(fn)(*operands)
+            return jnp.ones((), bool), jax.tree_util.tree_map(
+                lambda a, b: jnp.where(pred.reshape(pred.shape + (1,) * (a.ndim - 1)), a, b),
+                new, out)
+
+        _, out = while_loop(lambda s: jnp.any(pred) & ~s[0], body,
+                            (jnp.zeros((), bool), default), like=(pred, operands))
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    @jax.custom_jvp
+    def wrapped(pred, default, *operands):
+        return run(pred, default, *operands)
+
+    @wrapped.defjvp
+    def _jvp(primals, tangents):
+        return jax.jvp(plain, primals, tangents)
+
+    return wrapped
 
 
 def jit_when_eager(fn: Callable, static_argnums: tuple) -> Callable:
