@@ -304,6 +304,44 @@ def bj_solve(prob: dict, solve, grads, ref: dict, repeats: int, with_grad: bool)
     return out
 
 
+def flat_directions(prob: dict, y: np.ndarray) -> int:
+    """How many directions the optimal set extends along at ``y`` (0: the minimiser is unique).
+
+    With ``C = [A; G_T]`` over the rows that touch at ``y`` (``h_i - g_i'y <= 1e-9 (1 +
+    |h_i|)``), a direction ``d`` with ``C d = 0`` and ``d'Q d = 0`` keeps ``y + t d`` feasible
+    for small ``|t|`` and, ``y`` being optimal, the objective unchanged: ``y`` is one of
+    infinitely many minimisers, and the optimal value is not differentiable in ``c`` there
+    (its derivative would be the minimiser). Counted in NumPy: the eigenvalues of ``N'QN``
+    at most ``1e-10 (1 + max|Q|)``, ``N`` an orthonormal basis of the null space of ``C``.
+    """
+    Q, A, G, h = prob["Q"], prob["A"], prob["G"], prob["h"]
+    touching = np.abs(h - G @ y) <= 1e-9 * (1 + np.abs(h))
+    C = np.vstack([A, G[touching]])
+    if C.shape[0] == 0:
+        N = np.eye(Q.shape[0])
+    else:
+        _, sv, vt = np.linalg.svd(C)
+        rank = int(np.sum(sv > 1e-10 * sv[0])) if sv.size else 0
+        N = vt[rank:].T
+    if N.shape[1] == 0:
+        return 0
+    eig = np.linalg.eigvalsh(N.T @ Q @ N)
+    return int(np.sum(eig <= 1e-10 * (1 + np.max(np.abs(Q)))))
+
+
+def rounding_floor(prob: dict, y, nu, lam) -> float:
+    """``eps max(|A|'|nu| + |G|'|lam|) / (1 + max|y|)``: the rounding level of the ``y`` rows.
+
+    The adjoint of the value's gradient cancels ``A'nu + G'lam`` against ``Q y + c``; with
+    large multipliers on large rows, rounding alone leaves a residual of this size in the
+    ``y`` rows, which the adjoint's ``y`` block carries (times ``1/lambda_min`` of the reduced
+    Hessian).
+    """
+    size = np.abs(prob["A"]).T @ np.abs(nu) + np.abs(prob["G"]).T @ np.abs(lam)
+    top = float(np.max(size)) if size.size else 0.0
+    return float(np.finfo(np.float64).eps * top / (1 + np.max(np.abs(y))))
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -313,7 +351,13 @@ def verdict(res: dict, ref: dict, obj_tol: float, kkt_tol: float) -> str:
     kkt_ok = max(res["primal"], res["dual"], res["comp"]) <= kkt_tol
     if not ref["ok"]:
         return "solved?" if kkt_ok else "WRONG"  # no reference objective to compare with
-    return "solved" if (res["obj_err"] <= obj_tol and kkt_ok) else "WRONG"
+    if res["obj_err"] <= obj_tol and kkt_ok:
+        return "solved"
+    # A feasible point with a *lower* objective than the reference's, satisfying the KKT
+    # conditions itself, shows the reference to be the suboptimal one (convex QP).
+    if kkt_ok and res["obj"] < ref["obj"]:
+        return "solved, ref. suboptimal"
+    return "WRONG"
 
 
 HEADER = (
@@ -390,8 +434,8 @@ def main(argv=None) -> int:
         "-" * len(HEADER),
     ]
     print("\n".join(lines), flush=True)
-    counts = {"solved": 0, "solved?": 0, "failed": 0, "WRONG": 0, "CRASH": 0, "skipped": 0,
-              "grad off": 0}
+    counts = {"solved": 0, "solved?": 0, "solved, ref. suboptimal": 0, "failed": 0, "WRONG": 0,
+              "CRASH": 0, "skipped": 0, "grad off": 0, "not unique": 0}
     clarabel_ok = 0
     failures = []
     for path in files:
@@ -415,17 +459,31 @@ def main(argv=None) -> int:
                 res["obj_err"] = float("nan") if ref["ok"] else None
             verd = verdict(res, ref, args.obj_tol, args.kkt_tol)
             counts[verd] += 1
+            ref_note = ""
+            if verd == "solved, ref. suboptimal":
+                ref_kkt = kkt_residuals(prob, ref["y"], ref["nu"], ref["lam"])
+                ref_note = (f"; objective {res['obj']:.12e} below Clarabel's {ref['obj']:.12e}"
+                            f" (Clarabel's KKT {max(ref_kkt):.1e})")
             errs = [e for e in (res["grad_err"], res["hg_err"]) if e is not None]
             grad_off = bool(errs) and not max(errs) <= args.grad_tol
-            if grad_off:
+            flat = flat_directions(prob, res["y"]) if grad_off else 0
+            grad_note = ""
+            if flat:  # no derivative to check: the minimiser is not unique
+                counts["not unique"] += 1
+                verd += ", not unique"
+                grad_note = (f"; minimiser not unique ({flat} flat direction(s)): no derivative;"
+                             f" returned {'NaN' if np.isnan(res['grad_err']) else 'finite'}")
+            elif grad_off:
                 counts["grad off"] += 1
                 verd += ", grad off"
+                floor = rounding_floor(prob, res["y"], res["nu"], res["lam"])
+                grad_note = (f"; grad {fmt_err(res['grad_err'])}, hg err "
+                             f"{fmt_err(res['hg_err'])}, rounding floor {floor:.1e}")
             line = row(name, prob, res, ref, verd)
             if verd != "solved":
                 failures.append(f"{name}: {verd} status={res['status']} iters={res['iters']} "
                                 f"info.residual={res['residual']:.1e} ({describe(prob)})"
-                                + (f"; grad {fmt_err(res['grad_err'])}, hg err "
-                                   f"{fmt_err(res['hg_err'])}" if grad_off else ""))
+                                + ref_note + grad_note)
         except Exception as err:  # noqa: BLE001 - a crash is a result, keep going
             counts["CRASH"] += 1
             line = f"{name:<10} CRASH {type(err).__name__}: {str(err)[:120]}"
@@ -434,10 +492,14 @@ def main(argv=None) -> int:
         print(line, flush=True)
         lines.append(line)
 
-    total = sum(v for key, v in counts.items() if key not in ("skipped", "grad off"))
+    total = sum(v for key, v in counts.items()
+                if key not in ("skipped", "grad off", "not unique"))
+    suboptimal = counts["solved, ref. suboptimal"]
     summary = [
         "",
-        f"bj.solve_qp: {counts['solved']} solved, {counts['failed']} failed, "
+        f"bj.solve_qp: {counts['solved'] + suboptimal} solved"
+        + (f" ({suboptimal} where Clarabel's objective is the higher one)" if suboptimal else "")
+        + f", {counts['failed']} failed, "
         f"{counts['WRONG']} WRONG, {counts['CRASH']} crashed"
         + (f", {counts['solved?']} solved without a reference" if counts["solved?"] else "")
         + f" of {total}; Clarabel solved {clarabel_ok} of {total}"
@@ -446,7 +508,9 @@ def main(argv=None) -> int:
     if args.grad:
         summary.append(
             f"derivatives (d value/dc == y; random c-cotangent vs exact KKT) off by more than "
-            f"{args.grad_tol:g} on {counts['grad off']} SUCCESS problem(s)"
+            f"{args.grad_tol:g} on {counts['grad off']} SUCCESS problem(s); "
+            f"{counts['not unique']} SUCCESS problem(s) with a minimiser that is not unique "
+            "(no derivative exists)"
         )
     if failures:
         summary += ["not solved, or derivatives off:"] + [f"  {f}" for f in failures]

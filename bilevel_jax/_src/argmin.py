@@ -49,8 +49,8 @@ from bilevel_jax._src.types import (
 from bilevel_jax._src.validation import (
     check_option,
     check_scalar_output,
-    crossed_bounds,
     flatten_variables,
+    raise_if_crossed,
 )
 
 SOLVERS = ("auto", "newton", "lbfgs", "gradient", "sqp")
@@ -1090,40 +1090,17 @@ def _check_rows(arg, fn, theta, n, mat, vec):
 
 
 def _check_two_sided_concrete(ineq, theta):
-    """Raise ``ValueError`` if ``ineq(theta) -> (C, l, u)`` has concrete ``l > u`` somewhere.
-
-    Bounds that depend on a traced ``theta`` are checked at run time instead (the interior
-    point's infeasibility certificate: ``Status.INFEASIBLE``).
-    """
+    """``ValueError`` if ``ineq(theta) -> (C, l, u)`` has concrete ``l > u`` somewhere."""
     with jax.ensure_compile_time_eval():
         _, lo, hi = ineq(theta)
-        crossed = crossed_bounds(lo, hi)
-    if crossed is None:
-        return
-    lo, hi, bad = crossed
-    if bad.size:
-        i = bad[0]
-        raise ValueError(f"ineq(theta) returned l > u at row {i} (l = {lo[i]}, u = {hi[i]}): "
-                         "the set l <= C y <= u is empty.")
+        raise_if_crossed(lo, hi, "ineq(theta) returned l > u", "the set l <= C y <= u is empty.")
 
 
 def _check_box_concrete(bounds, box, theta):
-    """Raise ``ValueError`` if ``box(theta)`` has concrete bounds with some ``lo > hi``.
-
-    Bounds that depend on a traced ``theta`` are checked at run time instead
-    (``Status.INFEASIBLE``).
-    """
+    """``ValueError`` if ``box(theta)`` has concrete bounds with some ``lo > hi``."""
     with jax.ensure_compile_time_eval():
-        crossed = crossed_bounds(*bounds(box(theta)))
-    if crossed is None:
-        return
-    lo, hi, bad = crossed
-    if bad.size:
-        i = bad[0]
-        raise ValueError(
-            f"box(theta) returned lo > hi at {bad.size} entries, e.g. flattened index {i}: "
-            f"lo = {lo[i]}, hi = {hi[i]}; the box is empty."
-        )
+        raise_if_crossed(*bounds(box(theta)), "box(theta) returned lo > hi",
+                         "the box is empty.", index="flattened index")
 
 
 def _box_bounds(box, theta, y0, unravel):

@@ -60,3 +60,21 @@ def crossed_bounds(lo, hi):
         return None
     lo, hi = np.broadcast_arrays(lo, hi)
     return lo, hi, np.flatnonzero(lo > hi)
+
+
+def raise_if_crossed(lo, hi, what: str, empty: str, index: str = "row"):
+    """Raise ``ValueError`` at concrete ``lo > hi``; else ``(lo, hi)`` as NumPy, or ``None``.
+
+    ``what`` names the bounds (e.g. ``"box(theta) returned lo > hi"``), ``empty`` the set
+    they leave empty and ``index`` what an index counts (``"row"``, ``"flattened index"``).
+    Traced bounds give ``None``: they are checked at run time instead (``INFEASIBLE``).
+    """
+    crossed = crossed_bounds(lo, hi)
+    if crossed is None:
+        return None
+    lo, hi, bad = crossed
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{what} at {bad.size} of {lo.size} entries, e.g. {index} {i} "
+                         f"({lo.flat[i]} > {hi.flat[i]}): {empty}")
+    return lo, hi
