@@ -792,7 +792,7 @@ def argmin(
                               (tuple(g_consts), {k: tuple(v) for k, v in consts.items()}))
     check_info(info, throw)
     if two_sided:  # [C; -C] y <= [u; -l]: one signed multiplier per row of C
-        lam = lam[: lam.shape[0] // 2] - lam[lam.shape[0] // 2:]
+        lam = kkt.signed_multipliers(lam)
     return Solution(unravel(y), nu if eq is not None else None,
                     lam if ineq is not None else None, info)
 
@@ -833,7 +833,7 @@ def _solve_traced(fns, options: _Options, y0, theta, consts):
             if len(out) == 3:  # two-sided rows l <= C y <= u
                 C, lo, hi = out
                 lo, hi = (jnp.broadcast_to(v, C.shape[:1]) for v in (lo, hi))
-                return jnp.concatenate([C, -C]), jnp.concatenate([hi, -lo])
+                return kkt.stack_two_sided(C, lo, hi)
             return out
         return fn
 

@@ -95,3 +95,18 @@ def polish_verdict(slack, lam, mask, valid, tol, bound, row_norm):
     ok = jnp.all(feasible) & jnp.all(jnp.where(mask, lam >= -tol_l, True))
     update = valid & jnp.where(mask, lam >= -tol_l, slack < -tol_s)
     return ok, update
+
+
+def stack_two_sided(C, lo, hi):
+    """``lo <= C y <= hi`` as the one-sided rows ``[C; -C] y <= [hi; -lo]``."""
+    return jnp.concatenate([C, -C]), jnp.concatenate([hi, -lo])
+
+
+def signed_multipliers(lam):
+    """One signed multiplier per row of ``C`` from those of ``[C; -C]`` (:func:`stack_two_sided`).
+
+    ``lam_upper - lam_lower``: positive where the upper bound is active, negative where the
+    lower one is.
+    """
+    r = lam.shape[0] // 2
+    return lam[:r] - lam[r:]

@@ -1642,7 +1642,7 @@ def solve_qp(
         nu, lam = solution.nu, solution.lam
         r_in = len(ineq)
         lam_c = jnp.zeros((len(eq) + r_in,), lam.dtype)
-        lam_c = lam_c.at[eq].set(nu[p0:]).at[ineq].set(lam[k0:k0 + r_in] - lam[k0 + r_in:])
+        lam_c = lam_c.at[eq].set(nu[p0:]).at[ineq].set(kkt.signed_multipliers(lam[k0:]))
         solution = solution._replace(nu=nu[:p0], lam=jnp.concatenate([lam[:k0], lam_c]))
     return solution
 
@@ -1678,9 +1678,8 @@ def _two_sided(C, l, u, A, b, G, h, c):  # noqa: E741
     h = jnp.zeros((0,), dtype) if h is None else jnp.asarray(h)
     rows = (A.shape[0], G.shape[0], eq, ineq)
     A, b = jnp.concatenate([A, C[eq]]), jnp.concatenate([b, hi[eq]])
-    C_in = C[ineq]
-    G = jnp.concatenate([G, C_in, -C_in])
-    h = jnp.concatenate([h, hi[ineq], -lo[ineq]])
+    G_in, h_in = kkt.stack_two_sided(C[ineq], lo[ineq], hi[ineq])
+    G, h = jnp.concatenate([G, G_in]), jnp.concatenate([h, h_in])
     return A, b, G, h, rows
 
 
