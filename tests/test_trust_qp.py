@@ -117,3 +117,35 @@ def test_defect9_float32_singular_q_hypergradients(family, seed, index):
     verdict = fam.check(problem, result, "float32")
     assert result.status == "SUCCESS" and verdict.ok, verdict.reasons
     assert verdict.compared_grads, "the instance must compare hypergradients"
+
+
+def test_face_of_minimisers_gives_nan_cotangents_not_finite_ones():
+    """A singular Q flat along the active rows' null space: every point of a segment is optimal.
+
+    ``min 1/2 y0^2 + y1 + y2`` s.t. ``y1 + y2 >= 1``, ``0 <= y <= 2``: the minimisers are
+    ``y0 = 0, y1 + y2 = 1``. The solve is SUCCESS (``y`` is one of them) but no derivative
+    exists; a random cotangent used to give a finite 1.8e8 and the value's gradient a finite
+    point of the segment. With ``c2 = 2`` the minimiser is unique and the gradient finite.
+    """
+    Q = jnp.diag(jnp.array([1.0, 0.0, 0.0]))
+    G = jnp.concatenate([jnp.array([[0.0, -1.0, -1.0]]), -jnp.eye(3), jnp.eye(3)])
+    h = jnp.array([-1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0])
+    weights = jnp.arange(3.0)
+
+    def loss(c):
+        return weights @ bj.solve_qp(Q, c, G=G, h=h).y
+
+    def value(c):
+        y = bj.solve_qp(Q, c, G=G, h=h).y
+        return 0.5 * y @ Q @ y + c @ y
+
+    face, unique = jnp.array([0.0, 1.0, 1.0]), jnp.array([0.0, 1.0, 2.0])
+    sol = bj.solve_qp(Q, face, G=G, h=h)
+    assert _status(sol) == bj.Status.SUCCESS
+    np.testing.assert_allclose(sol.y[1] + sol.y[2], 1.0, atol=1e-9)
+    for fn in (loss, value):
+        for wrap in (lambda f: f, jax.jit):
+            assert np.all(np.isnan(wrap(jax.grad(fn))(face)))
+            assert np.all(np.isfinite(wrap(jax.grad(fn))(unique)))
+    np.testing.assert_allclose(jax.grad(value)(unique), bj.solve_qp(Q, unique, G=G, h=h).y,
+                               atol=1e-9)
