@@ -522,8 +522,10 @@ class _Prepared(NamedTuple):
 
     ``U = Q_d^-1 C'``, ``W = C U`` and ``q_c = Q_d^-1 c``; ``Q`` is the exact (symmetric)
     matrix that refinement steps apply; ``refine`` the number of refinement steps every solve
-    takes; ``singular`` whether the larger ``delta`` was needed; ``convex`` is False when
-    ``Q + delta I`` is not positive definite even with the larger ``delta`` (``Q`` indefinite).
+    takes; ``singular`` whether the larger ``delta`` was needed; ``delta`` the shift used
+    (``Q_d = Q + delta I``, ``delta`` including the factor ``1 + max|Q|``); ``convex`` is False
+    when ``Q + delta I`` is not positive definite even with the larger ``delta`` (``Q``
+    indefinite).
     """
 
     chol_q: Array
@@ -534,6 +536,7 @@ class _Prepared(NamedTuple):
     Q: Array
     refine: Array
     singular: Array
+    delta: Array
     convex: Array
 
 
@@ -568,7 +571,9 @@ def _prepare(qp: _QP, valid) -> _Prepared:
     # without it 1.4 % stalled at a residual near 1e-5 with an ambiguous active set).
     low = 1 if eps > 1e-10 else 0
     refine = jnp.where(healthy, low, 3).astype(jnp.int32)
-    return _Prepared(chol_q, C, Uc[:, :-1], Wc[:-1, :-1], Uc[:, -1], Q, refine, ~healthy, convex)
+    delta = jnp.where(healthy, 10 * eps, eps**0.5) * scale
+    return _Prepared(chol_q, C, Uc[:, :-1], Wc[:-1, :-1], Uc[:, -1], Q, refine, ~healthy, delta,
+                     convex)
 
 
 def _factor(pre: _Prepared, m, e, delta=None):
@@ -666,46 +671,45 @@ def _kkt_dense(pre: _Prepared, m, e):
     return jnp.concatenate([top, bottom])
 
 
-def _flat(pre: _Prepared, chol_s, m, e, steps=3):
+def _flat(pre: _Prepared, chol_s, m, steps=3):
     """Whether ``K(m, e)`` is singular along ``y``: the minimiser is not unique.
 
-    Only a singular ``Q`` (``pre.singular``: ``Q_d = Q + delta I``, ``delta = sqrt(eps) (1 +
-    max|Q|)``, see :func:`_prepare`) allows it: a direction ``d`` with ``Q d = 0`` and
-    ``C_m d = 0`` moves along a face of minimisers, and no derivative exists. The ``y`` block
-    of the regularised inverse maps ``d`` to ``d / delta``; ``steps`` inverse iterations on
-    it from a fixed pseudo-random vector estimate its smallest eigenvalue from above, and
-    ``d`` is declared when that estimate (``lambda_min + delta`` of ``Q_d``) is below
-    ``2 delta``: only reduced-Hessian eigenvalues below ``sqrt(eps) (1 + max|Q|)`` (scaled
+    Only a singular ``Q`` (``pre.singular``: ``Q_d = Q + delta I`` with ``delta = pre.delta =
+    sqrt(eps) (1 + max|Q|)``, see :func:`_prepare`) allows it: a direction ``d`` with
+    ``Q d = 0`` and ``C_m d = 0`` moves along a face of minimisers, and no derivative exists.
+    The ``y`` block of the regularised inverse maps ``d`` to ``d / delta``; ``steps`` inverse
+    iterations on it from a fixed pseudo-random vector estimate its smallest eigenvalue from
+    above, and ``d`` is declared when that estimate (``lambda_min + delta`` of ``Q_d``) is
+    below ``2 delta``: only reduced-Hessian eigenvalues below ``sqrt(eps) (1 + max|Q|)`` (scaled
     problem) are flagged, those at which the hypergradient would amplify the forward
     tolerance by ``1 / sqrt(eps)`` or more. Measured on Maros–Meszaros QBEACONF (one flat
     direction, ``c'd ~ 1e-14``): the value's gradient came back finite, 0.13 away from ``y``,
     under a passing check.
     """
     n, dtype = pre.Q.shape[0], pre.Q.dtype
-    delta = float(jnp.finfo(dtype).eps) ** 0.5 * (1 + _amaxes(pre.Q)[0])
-    zero = jnp.zeros((m.shape[0],), dtype)
-
-    def probe():
-        def step(_, v):
-            x, _ = _kkt_solve(pre, chol_s, m, e, (v / jnp.linalg.norm(v), zero), steps=0)
-            return x
-
-        v = jax.random.normal(jax.random.key(0), (n,), dtype)
-        x = vma.fori_loop(0, steps - 1, step, v, like=(pre.Q, pre.C, chol_s, m, e))
-        x = x / jnp.linalg.norm(x)
-        estimate = 1 / jnp.linalg.norm(step(0, x))  # an upper bound on lambda_min
-        return ~(estimate > 2 * delta)  # (NaN counts as flat)
-
     if float(jnp.finfo(dtype).eps) > 1e-10:
         # float32: the Schur factors of a singular Q are too inexact for the estimate (on
         # LPs with a unique solution it came out below 2 delta); the dense LU fallback of
         # ``_masked_solver`` solves the exact system there instead.
         return jnp.asarray(False)
+    zero = jnp.zeros((m.shape[0],), dtype)
+
+    def probe():
+        def step(_, v):  # (no refinement: e, the exact multiplier diagonal, is not read)
+            x, _ = _kkt_solve(pre, chol_s, m, zero, (v / jnp.linalg.norm(v), zero), steps=0)
+            return x
+
+        v = jax.random.normal(jax.random.key(0), (n,), dtype)
+        x = vma.fori_loop(0, steps - 1, step, v, like=(pre.Q, pre.C, chol_s, m))
+        x = x / jnp.linalg.norm(x)
+        estimate = 1 / jnp.linalg.norm(step(0, x))  # an upper bound on lambda_min
+        return ~(estimate > 2 * pre.delta)  # (NaN counts as flat)
+
     return vma.cond(pre.singular, probe, lambda: jnp.asarray(False))
 
 
-def _masked_solver(pre: _Prepared, m, e, delta=None, exact=None):
-    """``solve(r, steps, t=None) -> (x, ok)`` of the scaled ``K(m, exact) x = r``.
+def _masked_solver(pre: _Prepared, m, e, delta=None, exact=None, unique=False):
+    """``solve(r, steps, t=None, cap=None) -> (x, ok)`` of the scaled ``K(m, exact) x = r``.
 
     One Schur-complement factorisation (:func:`_factor`, of ``K(m, e)`` regularised; ``exact``
     defaults to ``e``), many solves (:func:`_kkt_solve`, ``steps`` refinements). ``ok`` is
@@ -721,8 +725,12 @@ def _masked_solver(pre: _Prepared, m, e, delta=None, exact=None):
     NaN hypergradient on 3 of 625 singular-``Q`` fuzz problems (``cond(K)`` 2e5..8e6) before
     the fallback. Under ``vmap`` the LU runs only when some member needs it
     (:func:`vma.where_needed`). The LU solution is kept only where it is finite and passes.
+
+    With ``unique`` (the backward pass), ``ok`` is also False where ``K`` is singular along
+    ``y`` (:func:`_flat`: a face of minimisers, no derivative), whatever ``r``.
     """
     chol_s = _factor(pre, m, e, delta)
+    flat = _flat(pre, chol_s, m) if unique else jnp.asarray(False)
     e = e if exact is None else exact
     eps = float(jnp.finfo(pre.Q.dtype).eps)
 
@@ -730,9 +738,9 @@ def _masked_solver(pre: _Prepared, m, e, delta=None, exact=None):
         x = _kkt_solve(pre, chol_s, m, e, r, steps, t, cap)
         ok = _backward_ok(pre, m, e, r, x)
         need = ~ok | (pre.singular & (eps > 1e-10))
-        return vma.where_needed(need, _lu_fallback, (x, ok), pre, m, e, r, x, ok)
+        x, ok = vma.where_needed(need, _lu_fallback, (x, ok), pre, m, e, r, x, ok)
+        return x, ok & ~flat
 
-    solve.flat = lambda: _flat(pre, chol_s, m, e)
     return solve
 
 
@@ -785,16 +793,15 @@ def original_solver(pre: _Prepared, sc: _Scaling, m, e, delta=None, steps=1, rid
     root = jnp.sqrt(sigma)
     s1, s2 = root * D, E / root
     e_hat = e * E**2 / sigma + jnp.asarray(ridge, e.dtype) * m
-    solve_scaled = _masked_solver(pre, m, e_hat, delta)
-
-    flat = solve_scaled.flat()  # a face of minimisers: no derivative, whatever the cotangent
+    # (unique: a face of minimisers has no derivative, whatever the cotangent)
+    solve_scaled = _masked_solver(pre, m, e_hat, delta, unique=True)
 
     def solve(r):
         # (three times the forward's refinement steps when Q is nearly singular: the
         # backward system's contraction factor delta |K^-1| can be close to 1 there; then
         # up to 30 while each halves the error: dependent active rows, see _kkt_solve)
         (x1, x2), ok = solve_scaled((s1 * r[0], s2 * r[1]), steps + 3 * pre.refine, cap=30)
-        return (s1 * x1, s2 * x2), ok & ~flat
+        return (s1 * x1, s2 * x2), ok
 
     return solve
 
