@@ -276,9 +276,35 @@ def solve(Q, c, A=None, b=None, G=None, h=None) -> Reference:
         status = OPTIMAL
     if status != OPTIMAL:
         return _nan_reference(n, p, k, status)
-    # Polish: the equality KKT system on the active set, twice (the second pass re-identifies
-    # the active set at the polished point).
-    for _ in range(2):
+    # Polish: the equality KKT system on an active set, first read from Clarabel's point with
+    # scale-invariant margins (a row of G scaled by 1e-4 scales its multiplier by 1e4), then
+    # corrected by primal-dual active-set steps until the polished point is primal and dual
+    # feasible to rounding. A point with small margins (multipliers and slacks ~1e-5 apart)
+    # is often misread from Clarabel's point; keeping that point unpolished made the reference
+    # itself off by ~1e-5 (its KKT residual, with complementarity as a product, still ~1e-12).
+    yb, nub, lb = best
+    s_rel, lam_rel = _relative_margins(Q, c, A, b, Gf, hf, yb, nub, lb)
+    act = lam_rel > s_rel
+    polished = False
+    for _ in range(2 * Gf.shape[0] + 2):
+        K = _kkt_matrix(Q, A, Gf[act])
+        z, _ = _kkt_solve(K, np.concatenate([-c, b, hf[act]]))
+        lp = np.zeros(Gf.shape[0])
+        lp[act] = z[n + p:]
+        cand = (z[:n], z[n:n + p], lp)
+        if not all(np.all(np.isfinite(x)) for x in cand):
+            break
+        s_rel, lam_rel = _relative_margins(Q, c, A, b, Gf, hf, z[:n], z[n:n + p], np.abs(lp))
+        s_c = hf - Gf @ z[:n]
+        violated = (s_c < 0) & (-s_c / np.maximum(np.abs(hf) + np.abs(Gf) @ np.abs(z[:n]),
+                                                   np.finfo(float).tiny) > 1e-12)
+        negative = act & (lp < 0) & (lam_rel > 1e-12)
+        if not violated.any() and not negative.any():
+            best, best_res = (cand[0], cand[1], np.maximum(lp, 0.0)), residual(*cand)
+            polished = True
+            break
+        act = (act & ~negative) | violated
+    for _ in range(0 if polished else 2):  # no feasible active set found: the plain polish
         yb, nub, lb = best
         act = lb > np.maximum(hf - Gf @ yb, 0.0)
         K = _kkt_matrix(Q, A, Gf[act])
@@ -292,8 +318,8 @@ def solve(Q, c, A=None, b=None, G=None, h=None) -> Reference:
     y, nu, lf = best
     if best_res > 1e-9:  # neither Clarabel nor the polish reached a trustworthy point
         return _nan_reference(n, p, k, UNKNOWN)
-    act = lf > np.maximum(hf - Gf @ y, 0.0)
     s_rel, lam_rel = _relative_margins(Q, c, A, b, Gf, hf, y, nu, lf)
+    act = lam_rel > s_rel
     margin = float(np.min(np.maximum(s_rel, lam_rel))) if lf.size else 1.0
     # LICQ: [A; G_I] (rows scaled to unit max) has full row rank. Uniqueness: Q is definite
     # on its null space Z (columns scaled by diag(Q)^-1/2 first).
