@@ -282,36 +282,33 @@ def solve(Q, c, A=None, b=None, G=None, h=None) -> Reference:
     # feasible to rounding. A point with small margins (multipliers and slacks ~1e-5 apart)
     # is often misread from Clarabel's point; keeping that point unpolished made the reference
     # itself off by ~1e-5 (its KKT residual, with complementarity as a product, still ~1e-12).
-    yb, nub, lb = best
-    s_rel, lam_rel = _relative_margins(Q, c, A, b, Gf, hf, yb, nub, lb)
+    def polish(act):  # the equality KKT solve on the rows ``act``: (y, nu, lam)
+        z, _ = _kkt_solve(_kkt_matrix(Q, A, Gf[act]), np.concatenate([-c, b, hf[act]]))
+        lp = np.zeros(Gf.shape[0])
+        lp[act] = z[n + p:]
+        return z[:n], z[n:n + p], lp
+
+    s_rel, lam_rel = _relative_margins(Q, c, A, b, Gf, hf, *best)
     act = lam_rel > s_rel
     polished = False
     for _ in range(2 * Gf.shape[0] + 2):
-        K = _kkt_matrix(Q, A, Gf[act])
-        z, _ = _kkt_solve(K, np.concatenate([-c, b, hf[act]]))
-        lp = np.zeros(Gf.shape[0])
-        lp[act] = z[n + p:]
-        cand = (z[:n], z[n:n + p], lp)
+        cand = polish(act)
         if not all(np.all(np.isfinite(x)) for x in cand):
             break
-        s_rel, lam_rel = _relative_margins(Q, c, A, b, Gf, hf, z[:n], z[n:n + p], np.abs(lp))
-        s_c = hf - Gf @ z[:n]
-        violated = (s_c < 0) & (-s_c / np.maximum(np.abs(hf) + np.abs(Gf) @ np.abs(z[:n]),
-                                                   np.finfo(float).tiny) > 1e-12)
+        yc, nuc, lp = cand
+        s_rel, lam_rel = _relative_margins(Q, c, A, b, Gf, hf, yc, nuc, np.abs(lp))
+        s_c = hf - Gf @ yc
+        size = np.maximum(np.abs(hf) + np.abs(Gf) @ np.abs(yc), np.finfo(float).tiny)
+        violated = (s_c < 0) & (-s_c / size > 1e-12)
         negative = act & (lp < 0) & (lam_rel > 1e-12)
         if not violated.any() and not negative.any():
-            best, best_res = (cand[0], cand[1], np.maximum(lp, 0.0)), residual(*cand)
+            best, best_res = (yc, nuc, np.maximum(lp, 0.0)), residual(*cand)
             polished = True
             break
         act = (act & ~negative) | violated
     for _ in range(0 if polished else 2):  # no feasible active set found: the plain polish
-        yb, nub, lb = best
-        act = lb > np.maximum(hf - Gf @ yb, 0.0)
-        K = _kkt_matrix(Q, A, Gf[act])
-        z, _ = _kkt_solve(K, np.concatenate([-c, b, hf[act]]))
-        lp = np.zeros(Gf.shape[0])
-        lp[act] = z[n + p:]
-        cand = (z[:n], z[n:n + p], lp)
+        yb, _, lb = best
+        cand = polish(lb > np.maximum(hf - Gf @ yb, 0.0))
         res = residual(*cand)
         if res <= best_res or res < 1e-14:
             best, best_res = cand, res

@@ -677,7 +677,7 @@ def _kkt_dense(pre: _Prepared, m, e):
 
 
 def _flat(pre: _Prepared, chol_s, m, steps=3):
-    """Whether ``K(m, e)`` is singular along ``y``: the minimiser is not unique.
+    """Whether ``K(m, .)`` is singular along ``y``: the minimiser is not unique.
 
     Only a singular ``Q`` (``pre.singular``: ``Q_d = Q + delta I`` with ``delta = pre.delta =
     sqrt(eps) (1 + max|Q|)``, see :func:`_prepare`) allows it: a direction ``d`` with
@@ -804,7 +804,7 @@ def original_solver(pre: _Prepared, sc: _Scaling, m, e, delta=None, steps=1, rid
     def solve(r):
         # (three times the forward's refinement steps when Q is nearly singular: the
         # backward system's contraction factor delta |K^-1| can be close to 1 there; then
-        # up to 30 while each halves the error: dependent active rows, see _kkt_solve)
+        # up to 30 while each gains 10 %: dependent active rows, float32, see _kkt_solve)
         (x1, x2), ok = solve_scaled((s1 * r[0], s2 * r[1]), steps + 3 * pre.refine, cap=30)
         return (s1 * x1, s2 * x2), ok
 
