@@ -32,8 +32,9 @@ Hypergradients (reverse mode, with respect to all of ``Q, c, A, b, G, h``):
       r(y, nu, lam) = [ Q y + c + A'nu + G'(m * lam) ;  A y - b ;  m * (G y - h) - (1 - m) * lam ],
 
   whose Jacobian is the symmetric matrix ``K = [Q, A', G'M; A, 0, 0; MG, 0, -(I - M)]``;
-  the adjoint solve uses ``K`` with ``-ridge`` on the multiplier diagonal (rows with
-  ``m_i = 1`` and the equalities) and reuses the polish factorisation when the masks agree.
+  the adjoint solve factorises ``K`` with ``-ridge`` on the multiplier diagonal (rows with
+  ``m_i = 1`` and the equalities) and refines on ``K`` itself (the minimum-norm multipliers
+  where the active rows are dependent).
   This gives the OptNet formulas on the active set (``cbar = -w``,
   ``Qbar = -(w y' + y w')/2``, ``hbar_I = mu_I``, ``Gbar_I = -(lam_I w' + mu_I y')``, ...).
 * ``"relaxed"``: the same theorem on the log-barrier (central path) KKT system
@@ -613,19 +614,17 @@ def _kkt_solve(pre: _Prepared, chol_s, m, e, r, steps=1, t=None, cap=None):
 
     ``x2 = S^-1 (M C t - r2)``, ``x1 = t - U M x2`` with ``t = Q_d^-1 r1``; pass ``t`` when it
     is known without a solve (e.g. ``r1 = -c`` gives ``t = -q_c``). ``steps`` may be traced;
-    a loop keeps a single refinement in the program.
+    a loop keeps a single refinement in the program. With a ``cap``, see :func:`_refine`.
 
-    With a ``cap``, refinement goes on after ``steps``, up to ``cap`` steps, while the
-    backward error (on ``|r| + |K x|``) is above ``2 eps`` and each step lowers it by 10 %; a
-    step past ``steps`` that does not lower it is undone. Where active rows are dependent
-    (``S`` singular, regularised) each step gains only a constant factor: on Maros–Meszaros
-    QPCBOEI2 (148 active rows of rank 106, multipliers up to 1e8) the adjoint's ``y`` block
-    was off by 27 (3e-2 relative) after one step under a passing ``sqrt(eps)`` check, 4e-3
-    after ten. The Schur complement squares the conditioning of ``K``, so the first solve is
-    only accurate to ``eps cond(K)^2``; refinement against ``K`` brings it to ``eps cond(K)``
-    when it runs to rounding level: in float32, stopping at ``100 eps`` (and at the first
-    step that did not halve the error) left hypergradients 2e-2 and 6e-2 off on badly scaled
-    fuzz QPs (``cond(K)`` 4.5e2 and 2e4, SUCCESS); running on gives 2e-3 and 8e-4.
+    The Schur complement squares the conditioning of ``K``, so the first solve is only
+    accurate to ``eps cond(K)^2``; refinement against ``K`` brings it to ``eps cond(K)`` when
+    it runs to rounding level. Where active rows are dependent (``S`` singular, regularised)
+    each step gains only a constant factor: on Maros–Meszaros QPCBOEI2 (148 active rows of
+    rank 106, multipliers up to 1e8) the adjoint's ``y`` block was off by 27 (3e-2 relative)
+    after one step under a passing ``sqrt(eps)`` check, 4e-3 after ten. In float32,
+    stopping at ``100 eps`` (and at the first step that did not halve the error) left
+    hypergradients 2e-2 and 6e-2 off on badly scaled fuzz QPs (``cond(K)`` 4.5e2 and 2e4,
+    SUCCESS); running on gives 2e-3 and 8e-4.
     """
     r1, r2 = r
 
@@ -635,14 +634,29 @@ def _kkt_solve(pre: _Prepared, chol_s, m, e, r, steps=1, t=None, cap=None):
         x2 = ls.cho_solve(chol_s, m * _mm(pre.C, t) - r2)
         return t - _mm(pre.U, m * x2), x2
 
-    def refine(_, x):
-        a1, a2 = _kkt_apply(pre, m, e, x)
-        d1, d2 = solve(r1 - a1, r2 - a2)
-        return x[0] + d1, x[1] + d2
-
     if cap is None:
-        return vma.fori_loop(0, steps, refine, solve(r1, r2, t))
+        def refine(_, x):
+            a1, a2 = _kkt_apply(pre, m, e, x)
+            d1, d2 = solve(r1 - a1, r2 - a2)
+            return x[0] + d1, x[1] + d2
 
+        return vma.fori_loop(0, steps, refine, solve(r1, r2, t))
+    return _refine(pre, m, e, r, lambda d: solve(*d), solve(r1, r2, t), steps, cap)
+
+
+def _refine(pre: _Prepared, m, e, r, solve, x, steps, cap):
+    """Iterative refinement of ``x`` on ``K(m, e) x = r`` with an approximate ``solve``.
+
+    ``steps`` steps, then more, up to ``cap`` in all, while the backward error (on
+    ``|r| + |K x|``) is above ``2 eps`` and each step lowers it by 10 %; a step past
+    ``steps`` that does not lower it is undone. ``solve`` may be a factorisation of a
+    regularised matrix (the Schur factors, a ridged LU): on a consistent singular system
+    (dependent active rows) the corrections stay orthogonal to the null space, and the
+    iteration converges to the minimum-norm solution.
+
+    Returns:
+      The refined solution.
+    """
     eps = float(jnp.finfo(pre.Q.dtype).eps)
 
     def error(x):  # (r - K x, its size relative to |r| + |K x|)
@@ -654,16 +668,15 @@ def _kkt_solve(pre: _Prepared, chol_s, m, e, r, steps=1, t=None, cap=None):
         return (i < steps) | ((i < cap) & (res > 2 * eps) & (res < 0.9 * last))
 
     def body(state):
-        i, x, (d1, d2), res, _ = state
-        dx1, dx2 = solve(d1, d2)
+        i, x, d, res, _ = state
+        dx1, dx2 = solve(d)
         x_new = (x[0] + dx1, x[1] + dx2)
         d_new, new = error(x_new)
         accept = (i < steps) | (new < res)
         keep = lambda a, b: jnp.where(accept, a, b)  # noqa: E731
-        x, d = jax.tree.map(keep, (x_new, d_new), (x, (d1, d2)))
+        x, d = jax.tree.map(keep, (x_new, d_new), (x, d))
         return i + 1, x, d, jnp.where(accept, new, res), res
 
-    x = solve(r1, r2, t)
     d, res = error(x)
     state = (jnp.asarray(0, jnp.int32), x, d, res, jnp.asarray(jnp.inf, res.dtype))
     return vma.while_loop(cond, body, state)[1]
@@ -717,33 +730,40 @@ def _masked_solver(pre: _Prepared, m, e, delta=None, exact=None, unique=False):
     """``solve(r, steps, t=None, cap=None) -> (x, ok)`` of the scaled ``K(m, exact) x = r``.
 
     One Schur-complement factorisation (:func:`_factor`, of ``K(m, e)`` regularised; ``exact``
-    defaults to ``e``), many solves (:func:`_kkt_solve`, ``steps`` refinements). ``ok`` is
-    True when the normwise backward error of ``x`` on ``K(m, exact)`` is at most ``sqrt(eps)``.
+    defaults to ``e``: ``e`` may carry a ridge whose bias the refinement removes), many
+    solves (:func:`_kkt_solve`, ``steps`` refinements; with a ``cap``, to rounding level).
+    ``ok`` is True when the normwise backward error of ``x`` on ``K(m, exact)`` is at most
+    ``sqrt(eps)`` and, with a ``cap``, the refinement reached ``64 eps`` on ``|r| + |K x|``.
 
-    The Schur complement of ``Q_d = Q + delta I`` squares the conditioning of the active rows
-    when ``Q`` is singular (``S ~ C C' / delta``). Where that loses the solution a dense LU
-    (partial pivoting) of the whole ``K(m, exact)``, of size ``n + p + k``, plus one
-    refinement step, solves it backward-stably: where the Schur solution fails its check,
-    and in float32 whenever ``Q`` is singular (on LPs and singular-``Q`` QPs with a unique
-    solution, ``cond(K)`` 3e2..2e4, ``S`` was numerically singular and the adjoint came back
-    with O(1) relative errors *under a passing check*). Measured in float64: SUCCESS with a
-    NaN hypergradient on 3 of 625 singular-``Q`` fuzz problems (``cond(K)`` 2e5..8e6) before
-    the fallback. Under ``vmap`` the LU runs only when some member needs it
-    (:func:`vma.where_needed`). The LU solution is kept only where it is finite and passes.
+    The Schur complement of ``Q_d = Q + delta I`` squares the conditioning of ``K`` (``S ~ C
+    C' / delta`` when ``Q`` is singular); a dense LU (partial pivoting) of the whole
+    ``K(m, e)``, of size ``n + p + k``, refined on ``K(m, exact)`` (:func:`_lu_fallback`),
+    is backward stable. It solves the system where the Schur solution fails its check, and
+    in float32 whenever ``Q`` is singular. Measured: in float32 on LPs and singular-``Q`` QPs
+    with a unique solution (``cond(K)`` 3e2..2e4) ``S`` was numerically singular and the
+    adjoint came back with O(1) relative errors under a passing ``sqrt(eps)`` check; in
+    float64, SUCCESS with a NaN hypergradient on 3 of 625 singular-``Q`` fuzz problems
+    (``cond(K)`` 2e5..8e6); and on badly scaled float64 QPs (rows scaled over 1e-4..1e4,
+    ``cond(K)`` 3e8..5e10 after equilibration) the refinement stalled at a backward error
+    of 1e-4 on ``|r| + |K x|`` while the normwise one passed ``sqrt(eps)``, and the
+    hypergradient came back SUCCESS and 0.6..1.0 off: the Schur solution is now kept only
+    where refinement reached rounding level. Under ``vmap`` the LU runs only when some
+    member needs it (:func:`vma.where_needed`). The LU solution is kept only where it is
+    finite and passes the normwise check.
 
     With ``unique`` (the backward pass), ``ok`` is also False where ``K`` is singular along
     ``y`` (:func:`_flat`: a face of minimisers, no derivative), whatever ``r``.
     """
     chol_s = _factor(pre, m, e, delta)
     flat = _flat(pre, chol_s, m) if unique else jnp.asarray(False)
-    e = e if exact is None else exact
+    exact = e if exact is None else exact
     eps = float(jnp.finfo(pre.Q.dtype).eps)
 
     def solve(r, steps, t=None, cap=None):
-        x = _kkt_solve(pre, chol_s, m, e, r, steps, t, cap)
-        ok = _backward_ok(pre, m, e, r, x)
+        x = _kkt_solve(pre, chol_s, m, exact, r, steps, t, cap)
+        ok = _backward_ok(pre, m, exact, r, x, None if cap is None else 64 * eps)
         need = ~ok | (pre.singular & (eps > 1e-10))
-        x, ok = vma.where_needed(need, _lu_fallback, (x, ok), pre, m, e, r, x, ok)
+        x, ok = vma.where_needed(need, _lu_fallback, (x, ok), pre, m, e, exact, r, x, ok)
         return x, ok & ~flat
 
     return solve
@@ -765,22 +785,30 @@ def _kkt_residual(pre: _Prepared, m, e, r, x):
     return d, res, rhs + a_, normwise
 
 
-def _backward_ok(pre: _Prepared, m, e, r, x):
-    """Whether ``x`` solves ``K(m, e) x = r`` to a normwise backward error of ``sqrt(eps)``."""
-    _, res, _, normwise = _kkt_residual(pre, m, e, r, x)
-    return res <= jnp.sqrt(jnp.finfo(res.dtype).eps) * normwise
+def _backward_ok(pre: _Prepared, m, e, r, x, strict=None):
+    """Whether ``x`` solves ``K(m, e) x = r`` to a normwise backward error of ``sqrt(eps)``
+    (and, given ``strict``, to ``strict`` on ``|r| + |K x|``)."""
+    _, res, scale, normwise = _kkt_residual(pre, m, e, r, x)
+    ok = res <= jnp.sqrt(jnp.finfo(res.dtype).eps) * normwise
+    return ok if strict is None else ok & (res <= strict * scale)
 
 
-def _lu_fallback(pre: _Prepared, m, e, r, x, ok):
-    """``(x, ok)`` of :func:`_masked_solver` replaced by a dense LU solve where that passes."""
+def _lu_fallback(pre: _Prepared, m, e, exact, r, x, ok, cap=30):
+    """``(x, ok)`` of :func:`_masked_solver` replaced by a dense LU solve where that passes.
+
+    The LU is of ``K(m, e)``, refined (:func:`_refine`, at least one step) on
+    ``K(m, exact)``.
+    """
     n = pre.Q.shape[0]
     lu, piv = ls.lu_factor(_kkt_dense(pre, m, e))
-    rr = jnp.concatenate(r)
-    xx = ls.lu_solve(lu, piv, rr)
-    a1, a2 = _kkt_apply(pre, m, e, (xx[:n], xx[n:]))
-    xx = xx + ls.lu_solve(lu, piv, rr - jnp.concatenate([a1, a2]))
-    x_lu = (xx[:n], xx[n:])
-    ok_lu = _backward_ok(pre, m, e, r, x_lu) & jnp.all(jnp.isfinite(xx))
+
+    def solve(d):
+        xx = ls.lu_solve(lu, piv, jnp.concatenate(d))
+        return xx[:n], xx[n:]
+
+    x_lu = _refine(pre, m, exact, r, solve, solve(r), 1, cap)
+    finite = jnp.all(jnp.isfinite(x_lu[0])) & jnp.all(jnp.isfinite(x_lu[1]))
+    ok_lu = _backward_ok(pre, m, exact, r, x_lu) & finite
     return tuple(jnp.where(ok_lu, a, b) for a, b in zip(x_lu, x, strict=True)), ok_lu | ok
 
 
@@ -791,15 +819,17 @@ def original_solver(pre: _Prepared, sc: _Scaling, m, e, delta=None, steps=1, rid
     units, ``check`` True when its normwise backward error on the equilibrated system is at
     most ``sqrt(eps)`` (else the system is singular or too ill-conditioned for the accuracy
     asked); see :func:`_masked_solver`. ``ridge`` is added to the multiplier diagonal of
-    the masked rows in *equilibrated* units (``e^ = E^2 e / sigma + ridge m``), so that its
-    relative effect is the same on every row whatever the scaling of the data.
+    the masked rows in *equilibrated* units (``e^ = E^2 e / sigma``, factorised with
+    ``e^ + ridge m``), so that its relative effect is the same on every row whatever the
+    scaling of the data; refinement on the unregularised ``K(m, e^)`` removes its bias.
     """
     D, E, sigma = sc
     root = jnp.sqrt(sigma)
     s1, s2 = root * D, E / root
-    e_hat = e * E**2 / sigma + jnp.asarray(ridge, e.dtype) * m
+    e_hat = e * E**2 / sigma
     # (unique: a face of minimisers has no derivative, whatever the cotangent)
-    solve_scaled = _masked_solver(pre, m, e_hat, delta, unique=True)
+    solve_scaled = _masked_solver(pre, m, e_hat + jnp.asarray(ridge, e.dtype) * m, delta,
+                                  exact=e_hat, unique=True)
 
     def solve(r):
         # (three times the forward's refinement steps when Q is nearly singular: the
@@ -1089,7 +1119,7 @@ def _polish(qp: _QP, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max_rounds
         mm, e_ridge = active_system(p, m, ridge, dtype)
         solve = _masked_solver(pre, mm, e_ridge, exact=1 - mm)
         rhs = (-c, jnp.concatenate([b, jnp.where(m, h, 0)]))
-        (y, x2), _ = solve(rhs, 2 + pre.refine, -pre.q_c)
+        (y, x2), _ = solve(rhs, 2 + pre.refine, -pre.q_c, cap=30)
         nu, lam = x2[:p], jnp.where(m, x2[p:], 0)
         Gy = jnp.where(valid, _mm(G, y), 0)
         bound = jnp.maximum(jnp.abs(h), jnp.abs(Gy))
