@@ -188,3 +188,30 @@ def test_fuzz_reference_polishes_to_a_complementary_point(family, seed, index):
     norm = np.linalg.norm(want)
     assert np.linalg.norm(fd - want) <= 1e-5 * norm
     assert np.linalg.norm(result.grads["h"] - want) <= 1e-8 * norm
+
+
+@pytest.mark.parametrize("done, index", [(200, 89), (1200, 78), (300, 93), (800, 40)])
+def test_badly_scaled_hypergradient_is_exact_or_not_success(done, index):
+    # Four badly scaled float64 QPs (rows scaled over 1e-4..1e4) that came back SUCCESS with
+    # a wrong hypergradient: d/dh 0.98 and 0.99 off, y 6.7e-3 off with d/dA 1.0 off, d/dQ
+    # 4.3e-4 off. The equilibrated active-set matrix has cond 3e8..5e10, so the Schur
+    # complement (which squares it) lost the adjoint; refinement stalled at a backward error
+    # of 1e-4 on |r| + |K x| while the normwise check (sqrt(eps)) passed; and the ridge that
+    # regularised the system was itself a 3e-4 bias at that conditioning. Now the Schur
+    # solution is kept only where refinement reaches rounding level (else the dense LU), the
+    # ridge only regularises the factorisation, and the polish refines to rounding level.
+    import qp_families as fam
+    import reference as ref_mod
+
+    problem = fam.batch("scaled", (0, 0, done), index + 1)[index]
+    ref, data = fam.reference_of(problem)
+    result = fam.run_batch([problem], "float64")[0]
+    verdict = fam.check(problem, result, "float64", ref=ref)
+    assert result.status == "SUCCESS" and verdict.ok, verdict.reasons
+    assert ref_mod.relative_error(result.y, ref.y) <= 1e-8
+    want = ref_mod.hypergradient(*data, ref, problem.v)
+    keys = verdict.compared_grads
+    assert set(keys) == set("QcAbGh")
+    total = np.sqrt(sum(np.linalg.norm(want[k]) ** 2 for k in keys))
+    for k in keys:
+        assert np.linalg.norm(result.grads[k] - want[k]) <= 1e-9 * total, k

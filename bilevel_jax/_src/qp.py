@@ -452,15 +452,20 @@ def _equilibrate(qp: _QP, valid, iters=10) -> _Scaling:
     """Ruiz equilibration of ``[Q, C'; C, 0]`` (``iters`` sweeps) and OSQP's cost scaling.
 
     Each sweep divides every row and column of the scaled KKT matrix by the square root of its
-    max-norm; norms below ``1e-4`` (empty rows, zero columns) are left alone and norms above
-    ``1e4`` clipped, as OSQP does. ``Q`` is symmetric, so its column maxima are row maxima.
+    max-norm, clipped to ``[1e-4, 1e4]`` (so each sweep scales by at most 100); zero rows and
+    columns are left alone. ``Q`` is symmetric, so its column maxima are row maxima. (OSQP
+    leaves every norm below ``1e-4`` alone; a row scaled down to ``1e-6`` then stayed there,
+    and the polish's solve, accurate relative to the other rows, missed it by ``3e-5`` per
+    unit row norm: the polish was rejected and an interior-point point whose true
+    complementarity was ``4e-7`` came back SUCCESS with ``y`` ``1.6e-3`` off, on a fuzz QP
+    with rows scaled over ``1e-4..1e4``.)
     """
     Q, c, A, _, G, _ = qp
     aQ = jnp.abs(Q)
     aC = jnp.abs(jnp.concatenate([A, G * valid.astype(Q.dtype)[:, None]]))
 
     def inv_sqrt(norm):
-        return 1 / jnp.sqrt(jnp.where(norm < 1e-4, 1, jnp.minimum(norm, 1e4)))
+        return 1 / jnp.sqrt(jnp.where(norm > 0, jnp.clip(norm, 1e-4, 1e4), 1))
 
     def sweep(_, carry):
         D, E = carry
