@@ -304,29 +304,45 @@ def bj_solve(prob: dict, solve, grads, ref: dict, repeats: int, with_grad: bool)
     return out
 
 
-def flat_directions(prob: dict, y: np.ndarray) -> int:
+def flat_directions(prob: dict, y: np.ndarray, lam: np.ndarray) -> int:
     """How many directions the optimal set extends along at ``y`` (0: the minimiser is unique).
 
-    With ``C = [A; G_T]`` over the rows that touch at ``y`` (``h_i - g_i'y <= 1e-9 (1 +
-    |h_i|)``), a direction ``d`` with ``C d = 0`` and ``d'Q d = 0`` keeps ``y + t d`` feasible
-    for small ``|t|`` and, ``y`` being optimal, the objective unchanged: ``y`` is one of
-    infinitely many minimisers, and the optimal value is not differentiable in ``c`` there
-    (its derivative would be the minimiser). Counted in NumPy: the eigenvalues of ``N'QN``
-    at most ``1e-10 (1 + max|Q|)``, ``N`` an orthonormal basis of the null space of ``C``.
+    The rows that touch at ``y`` (``h_i - g_i'y <= 1e-9 (1 + |h_i|)``) are split into strongly
+    active ones (``lam_i > 1e-9 (1 + max lam)``, kept at equality with ``A``: ``C``) and weakly
+    active ones (``G_w``, a zero multiplier: they may loosen). A direction ``d`` with
+    ``C d = 0``, ``Q d = 0`` and ``G_w d <= 0`` keeps ``y + t d`` feasible for small ``t > 0``
+    and, by the KKT conditions, the objective unchanged: ``y`` is one of infinitely many
+    minimisers, and the optimal value is not differentiable in ``c`` there (its derivative
+    would be the minimiser). Returns the dimension of such two-sided directions
+    (``G_w d = 0`` too), or 1 where only one-sided ones exist (``y`` at a vertex of a face of
+    minimisers: found by a linear program, ``G_w d <= 0``, ``sum(G_w d) = -1``). In NumPy /
+    SciPy: ``N`` an orthonormal basis of the null space of ``[C; Q]`` (singular values above
+    ``1e-10`` of the largest).
     """
+    from scipy.optimize import linprog
+
     Q, A, G, h = prob["Q"], prob["A"], prob["G"], prob["h"]
     touching = np.abs(h - G @ y) <= 1e-9 * (1 + np.abs(h))
-    C = np.vstack([A, G[touching]])
-    if C.shape[0] == 0:
-        N = np.eye(Q.shape[0])
-    else:
-        _, sv, vt = np.linalg.svd(C)
+    strong = touching & (lam > 1e-9 * (1 + np.max(lam, initial=0)))
+    weak = touching & ~strong
+
+    def null_space(M):
+        if M.shape[0] == 0:
+            return np.eye(M.shape[1])
+        _, sv, vt = np.linalg.svd(M)
         rank = int(np.sum(sv > 1e-10 * sv[0])) if sv.size else 0
-        N = vt[rank:].T
+        return vt[rank:].T
+
+    N = null_space(np.vstack([A, G[strong], Q / (1 + np.max(np.abs(Q)))]))
     if N.shape[1] == 0:
         return 0
-    eig = np.linalg.eigvalsh(N.T @ Q @ N)
-    return int(np.sum(eig <= 1e-10 * (1 + np.max(np.abs(Q)))))
+    W = G[weak] @ N
+    two_sided = null_space(W).shape[1] if W.shape[0] else N.shape[1]
+    if two_sided or W.shape[0] == 0:
+        return two_sided
+    one_sided = linprog(np.zeros(N.shape[1]), A_ub=W, b_ub=np.zeros(W.shape[0]),
+                        A_eq=W.sum(axis=0)[None, :], b_eq=[-1.0], bounds=(None, None))
+    return int(one_sided.status == 0)
 
 
 def lstsq_envelope_error(prob: dict, y, lam) -> float:
@@ -471,7 +487,7 @@ def main(argv=None) -> int:
                             f" (Clarabel's KKT {max(ref_kkt):.1e})")
             errs = [e for e in (res["grad_err"], res["hg_err"]) if e is not None]
             grad_off = bool(errs) and not max(errs) <= args.grad_tol
-            flat = flat_directions(prob, res["y"]) if grad_off else 0
+            flat = flat_directions(prob, res["y"], res["lam"]) if grad_off else 0
             grad_note = ""
             if flat:  # no derivative to check: the minimiser is not unique
                 counts["not unique"] += 1
