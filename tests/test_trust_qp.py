@@ -197,9 +197,11 @@ def test_badly_scaled_hypergradient_is_exact_or_not_success(done, index):
     # 4.3e-4 off. The equilibrated active-set matrix has cond 3e8..5e10, so the Schur
     # complement (which squares it) lost the adjoint; refinement stalled at a backward error
     # of 1e-4 on |r| + |K x| while the normwise check (sqrt(eps)) passed; and the ridge that
-    # regularised the system was itself a 3e-4 bias at that conditioning. Now the Schur
-    # solution is kept only where refinement reaches rounding level (else the dense LU), the
-    # ridge only regularises the factorisation, and the polish refines to rounding level.
+    # regularised the system was itself a 3e-4 bias at that conditioning; a G row scaled to
+    # 1e-6 was left unscaled by the equilibration, and the polish missed it. Now the Schur
+    # solution is kept only where its backward error on |r| + |K x| is below sqrt(eps) (else
+    # the dense LU), the ridge only regularises the factorisation, and every nonzero row is
+    # equilibrated.
     import qp_families as fam
     import reference as ref_mod
 
