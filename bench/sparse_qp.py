@@ -10,7 +10,9 @@ hypergradient is taken with respect to ``theta`` and the slope bounds ``h``.
 Timed in the same run (medians over ``--reps`` after a warm-up; compile time apart):
 
 * bilevel_jax ``bj.solve_qp_sparse`` (BCOO data): forward, and forward + backward
-  (``jax.value_and_grad``), float64 (and float32 with ``--float32``);
+  (``jax.value_and_grad``), float64 (and float32 with ``--float32``); ``method="direct"``
+  (interior point, sparse factorisations) at every ``n``, ``method="admm"`` up to
+  ``--admm-max``;
 * Clarabel (sparse interior point, CPU, forward only, default settings);
 * MPAX raPDHG (forward at ``eps`` 1e-4 and 1e-6; its unrolled gradient, a fixed number of
   iterations, where ``--mpax-unroll`` fits);
@@ -48,6 +50,8 @@ def _args():
                     help="largest n for MPAX's unrolled gradient (0: never)")
     ap.add_argument("--mpax-unroll-iters", type=int, default=2000)
     ap.add_argument("--cvxpylayers-max", type=int, default=10000)
+    ap.add_argument("--admm-max", type=int, default=1000,
+                    help="largest n for solve_qp_sparse(method='admm') (0: never)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "sparse_qp.txt"))
     return ap.parse_args()
@@ -207,7 +211,7 @@ def timed(fn, reps):
 # -------------------------------------------------------------------------------- the methods
 
 
-def ours(prob, dtype, reps):
+def ours(prob, dtype, reps, method="direct"):
     n = prob["n"]
     qd, qi = _bcoo(prob["Q"], dtype)
     gd, gi = _bcoo(prob["G"], dtype)
@@ -225,7 +229,7 @@ def ours(prob, dtype, reps):
         Q = sparse.BCOO((qd, qi), shape=(n, n))
         G = sparse.BCOO((gd, gi), shape=(n - 1, n))
         A = sparse.BCOO((ad, ai), shape=(1, n))
-        return bj.solve_qp_sparse(Q, -theta, A, b, G, h, -BOX, BOX)
+        return bj.solve_qp_sparse(Q, -theta, A, b, G, h, -BOX, BOX, method=method)
 
     def loss(theta, h, data):
         sol = solve(theta, h, data)
@@ -349,7 +353,7 @@ def main(args):
         "|y| <= 0.3; loss w'y*")
     say("# times: median seconds over reps (compile apart); errors: relative 2-norm against "
         "Clarabel polished + exact KKT (scipy.sparse)")
-    header = (f"{'n':>8} {'method':<28} {'status':<10} {'fwd s':>9} {'fwd+bwd s':>10} "
+    header = (f"{'n':>8} {'method':<36} {'status':<10} {'fwd s':>9} {'fwd+bwd s':>10} "
               f"{'compile s':>9} {'err y':>9} {'err d/dtheta':>12} {'err d/dh':>9} "
               f"{'x Clarabel fwd':>14}")
     say(header)
@@ -373,19 +377,22 @@ def main(args):
             et = rel(dth, ref["dtheta"]) if dth is not None else None
             eh = rel(dh, ref["dh"]) if dh is not None else None
             ratio = (t_ratio or t_both or t_fwd) / t_cl
-            say(f"{n:>8} {name:<28} {status:<10} {f(t_fwd, '9.4f')} {f(t_both, '10.4f')} "
+            say(f"{n:>8} {name:<36} {status:<10} {f(t_fwd, '9.4f')} {f(t_both, '10.4f')} "
                 f"{f(comp, '9.1f')} {f(ey, '9.1e')} {f(et, '12.1e')} {f(eh, '9.1e')} "
                 f"{ratio:14.2f}")
 
         row("clarabel (fwd)", cl["status"], t_cl, None, None, y=cl["y"])
         dtypes = [("float64", jnp.float64)] + ([("float32", jnp.float32)] if args.float32 else [])
-        for label, dt in dtypes:
-            try:
-                o = ours(prob, dt, reps)
-                row(f"bj.solve_qp_sparse {label}", o["status"], o["t_fwd"], o["t_both"],
-                    o["compile"], o["y"], o["dtheta"], o["dh"])
-            except Exception as e:  # noqa: BLE001 - a bench reports, it does not stop
-                say(f"{n:>8} bj.solve_qp_sparse {label} FAILED: {type(e).__name__}: {e}")
+        methods = ["direct"] + (["admm"] if n <= args.admm_max else [])
+        for method in methods:
+            for label, dt in dtypes:
+                name = f"bj.solve_qp_sparse {method} {label}"
+                try:
+                    o = ours(prob, dt, reps, method)
+                    row(name, o["status"], o["t_fwd"], o["t_both"], o["compile"], o["y"],
+                        o["dtheta"], o["dh"])
+                except Exception as e:  # noqa: BLE001 - a bench reports, it does not stop
+                    say(f"{n:>8} {name} FAILED: {type(e).__name__}: {e}")
         if not args.no_mpax:
             for eps in (1e-4, 1e-6):
                 try:

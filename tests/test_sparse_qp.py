@@ -6,6 +6,8 @@ One problem shape is used throughout (n = 10 variables, p = 2 equalities, k = 6 
 a box), so that every test reuses the same compilations.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,12 +47,17 @@ def dense_data(Q, c, A, b, G, h, lo, hi):
     return Q, c, A, b, jnp.concatenate([G, -eye, eye]), jnp.concatenate([h, -lo, hi])
 
 
-@jax.jit
-def sparse_solve(qd, c, ad, b, gd, h, lo, hi, qi, ai, gi):
+@partial(jax.jit, static_argnames="method")
+def sparse_solve(qd, c, ad, b, gd, h, lo, hi, qi, ai, gi, method="auto"):
     Q = sparse.BCOO((qd, qi), shape=(N, N))
     A = sparse.BCOO((ad, ai), shape=(P, N))
     G = sparse.BCOO((gd, gi), shape=(K, N))
-    return solve_qp_sparse(Q, c, A, b, G, h, lo, hi)
+    return solve_qp_sparse(Q, c, A, b, G, h, lo, hi, method=method)
+
+
+# The default method for BCOO and dense data is "direct" (the interior point with sparse
+# factorisations); the tests marked with METHODS also run the matrix-free "admm" path.
+METHODS = pytest.mark.parametrize("method", ["direct", "admm"])
 
 
 def split(data):
@@ -60,19 +67,20 @@ def split(data):
     return values, (Qs.indices, As.indices, Gs.indices)
 
 
-def objective(weights):
+def objective(weights, method="auto"):
     def f(values, idx):
-        sol = sparse_solve(*values, *idx)
+        sol = sparse_solve(*values, *idx, method=method)
         return weights @ sol.y + 0.3 * jnp.sum(sol.nu) + 0.1 * jnp.sum(sol.lam)
 
     return f
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_agrees_with_dense_solve_qp(seed):
+@pytest.mark.parametrize("seed,method", [(0, "direct"), (1, "direct"), (2, "direct"),
+                                         (0, "admm"), (1, "admm")])
+def test_agrees_with_dense_solve_qp(seed, method):
     data = problem(seed)
     values, idx = split(data)
-    sol = sparse_solve(*values, *idx)
+    sol = sparse_solve(*values, *idx, method=method)
     ref = bj.solve_qp(*dense_data(*(jnp.asarray(a) for a in data)))
     assert int(sol.info.status) == bj.Status.SUCCESS
     assert int(ref.info.status) == bj.Status.SUCCESS
@@ -88,7 +96,7 @@ def test_agrees_with_dense_solve_qp(seed):
         return w @ s.y + 0.3 * jnp.sum(s.nu) + 0.1 * jnp.sum(s.lam)
 
     gd = jax.grad(dense_loss, argnums=tuple(range(8)))(*(jnp.asarray(a) for a in data))
-    gs = jax.grad(objective(w))(values, idx)
+    gs = jax.grad(objective(w, method))(values, idx)
     (_, qi, ai, gi) = (None, *idx)
     for name, got, want in (
         ("Q", gs[0], gd[0][qi[:, 0], qi[:, 1]]),
@@ -164,7 +172,8 @@ def test_float32():
         np.testing.assert_allclose(a, b_, atol=2e-3 * (1 + float(jnp.max(jnp.abs(b_)))))
 
 
-def test_vmap_equals_loop():
+@METHODS
+def test_vmap_equals_loop(method):
     datas = [problem(s) for s in (0, 1, 2)]
     # Same sparsity: the union pattern, with the values of each problem on it.
     pattern = [np.any([d[i] != 0 for d in datas], axis=0) for i in (0, 2, 4)]
@@ -178,7 +187,7 @@ def test_vmap_equals_loop():
     w = jnp.asarray(np.random.default_rng(3).standard_normal(N))
 
     def loss(*vals):
-        return w @ sparse_solve(*vals, *idx).y
+        return w @ sparse_solve(*vals, *idx, method=method).y
 
     batched = jax.vmap(jax.value_and_grad(loss, argnums=(1, 5)))(*stacked)
     for j, d in enumerate(datas):
@@ -217,29 +226,33 @@ def test_operator_equals_bcoo():
     np.testing.assert_allclose(gq[qi[:, 0], qi[:, 1]], g_sp[0], atol=1e-8)
 
 
-def test_infeasible_never_success():
+@METHODS
+def test_infeasible_never_success(method):
+    sparse_solve_ = partial(sparse_solve, method=method)
     Q, c, A, b, G, h, lo, hi = (jnp.asarray(a) for a in problem(0))
     values, idx = split((Q, c, A, b, G, h, lo, hi))
     # G y <= h with h very negative on a row with a bounded box: an empty set.
     bad_h = values[5].at[0].set(-100.0 - float(jnp.sum(jnp.abs(G[0]))))
     vals = (*values[:5], bad_h, *values[6:])
-    sol = sparse_solve(*vals, *idx)
+    sol = sparse_solve_(*vals, *idx)
     assert int(sol.info.status) == bj.Status.INFEASIBLE
     assert bool(jnp.all(jnp.isnan(sol.y)))
-    g = jax.grad(lambda c_: jnp.sum(sparse_solve(vals[0], c_, *vals[2:], *idx).y))(values[1])
+    g = jax.grad(lambda c_: jnp.sum(sparse_solve_(vals[0], c_, *vals[2:], *idx).y))(values[1])
     assert bool(jnp.all(jnp.isnan(g)))
     # lo > hi.
-    sol = sparse_solve(*values[:6], values[6].at[1].set(1.0), values[7], *idx)
+    sol = sparse_solve_(*values[:6], values[6].at[1].set(1.0), values[7], *idx)
     assert int(sol.info.status) == bj.Status.INFEASIBLE
 
 
-def test_nan_input_gives_nonfinite():
+@METHODS
+def test_nan_input_gives_nonfinite(method):
     values, idx = split(problem(0))
     vals = (values[0], values[1].at[2].set(jnp.nan), *values[2:])
-    sol = sparse_solve(*vals, *idx)
+    sol = sparse_solve(*vals, *idx, method=method)
     assert int(sol.info.status) == bj.Status.NONFINITE
     assert bool(jnp.all(jnp.isnan(sol.y)))
-    g = jax.grad(lambda c_: jnp.sum(sparse_solve(vals[0], c_, *vals[2:], *idx).y))(vals[1])
+    g = jax.grad(lambda c_: jnp.sum(sparse_solve(vals[0], c_, *vals[2:], *idx,
+                                                 method=method).y))(vals[1])
     assert bool(jnp.all(jnp.isnan(g)))
 
 
@@ -300,7 +313,7 @@ def test_defect1_float32_stagnating_admm_polishes_again():
     # rejected polish used to run to max_iter (20000 iterations, minutes) before polishing
     # again. Phases are now bounded, so the polish is retried after a few hundred iterations.
     Q, c, A, b, G, h = smoothing(300, jnp.float32)
-    sol = solve_qp_sparse(Q, c, A, b, G, h, -0.3, 0.3, max_iter=3000)
+    sol = solve_qp_sparse(Q, c, A, b, G, h, -0.3, 0.3, max_iter=3000, method="admm")
     assert int(sol.info.status) == bj.Status.SUCCESS
     assert float(sol.info.residual) <= 1e-5
     assert int(sol.info.num_steps) < 2000
@@ -337,3 +350,43 @@ def test_defect2_unsolvable_polish_system_ends_the_polish(monkeypatch):
     jax.block_until_ready(z)
     assert not bool(ok)
     assert calls == [False]
+
+
+def test_direct_smoothing_qp_against_dense_and_statuses():
+    """The direct method on the bench's smoothing QP (n = 400): y and d/dtheta equal
+    solve_qp's on the dense data; an indefinite Q is NONCONVEX (not SUCCESS); an LP (Q = 0,
+    the sparse factorisation's singular path) agrees with solve_qp; operators are refused."""
+    Q, c, A, b, G, h = smoothing(400, jnp.float64)
+    w = jnp.asarray(np.random.default_rng(0).standard_normal(400))
+
+    def loss_sparse(c):
+        return w @ solve_qp_sparse(Q, c, A, b, G, h, -0.3, 0.3, method="direct").y
+
+    eye = jnp.eye(400)
+    dense = (Q.todense(), A.todense(), b, jnp.concatenate([G.todense(), -eye, eye]),
+             jnp.concatenate([h, jnp.full(800, 0.3)]))
+
+    def loss_dense(c):
+        Qd, Ad, bd, Gd, hd = dense
+        return w @ bj.solve_qp(Qd, c, Ad, bd, Gd, hd).y
+
+    sol = solve_qp_sparse(Q, c, A, b, G, h, -0.3, 0.3, method="direct")
+    assert int(sol.info.status) == bj.Status.SUCCESS
+    ref = bj.solve_qp(dense[0], c, *dense[1:])
+    np.testing.assert_allclose(sol.y, ref.y, atol=1e-9)
+    np.testing.assert_allclose(jax.grad(loss_sparse)(c), jax.grad(loss_dense)(c), atol=1e-8)
+    # Indefinite Q.
+    bad = sparse.BCOO((-Q.data, Q.indices), shape=Q.shape)
+    sol = solve_qp_sparse(bad, c, A, b, G, h, -0.3, 0.3, method="direct")
+    assert int(sol.info.status) == bj.Status.NONCONVEX
+    assert bool(jnp.all(jnp.isnan(sol.y)))
+    # An LP with a unique solution: min c'y over the box and the slope rows.
+    zero = sparse.BCOO((0 * Q.data, Q.indices), shape=Q.shape)
+    lp = solve_qp_sparse(zero, c, A, b, G, h, -0.3, 0.3, method="direct")
+    lp_ref = bj.solve_qp(jnp.zeros((400, 400)), c, *dense[1:])
+    assert int(lp.info.status) == int(lp_ref.info.status) == bj.Status.SUCCESS
+    np.testing.assert_allclose(c @ lp.y, c @ lp_ref.y, rtol=1e-9)
+    with pytest.raises(ValueError, match="method='direct'"):
+        solve_qp_sparse(lambda v: v, c, lo=-0.3, hi=0.3, method="direct")
+    with pytest.raises(ValueError, match="method"):
+        solve_qp_sparse(Q, c, method="ipm")

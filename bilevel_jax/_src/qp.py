@@ -51,7 +51,6 @@ Hessian-vector products), for reuse by other solution maps with inequality const
 from __future__ import annotations
 
 import numbers
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -59,9 +58,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bilevel_jax._src import kkt, vma
+from bilevel_jax._src import kkt, sparse_linalg, vma
 from bilevel_jax._src import linear_solve as ls
 from bilevel_jax._src.implicit import custom_solution, implicit_backward
+from bilevel_jax._src.sparse_linalg import SparseMatrix
 from bilevel_jax._src.types import (
     Array,
     ArrayLike,
@@ -78,7 +78,44 @@ HYPERGRADS = ("implicit", "relaxed", "penalty")
 ADJOINT_METHODS = ("auto", "dense", "minres")
 
 _HI = lax.Precision.HIGHEST
-_mm = partial(jnp.matmul, precision=_HI)
+
+
+def _mm(M, x):
+    """``M x`` for a dense matrix or a :class:`SparseMatrix`."""
+    return M @ x if isinstance(M, SparseMatrix) else jnp.matmul(M, x, precision=_HI)
+
+
+# Dense and sparse data. ``solve_qp_sparse(method="direct")`` runs this module's interior
+# point, polish and adjoint with ``Q``, ``A``, ``G`` as :class:`SparseMatrix` (its KKT
+# matrices factorised by :mod:`bilevel_jax._src.sparse_linalg`); these helpers are the only
+# places where the two kinds of data differ outside the linear solves.
+
+
+def _abs_max(M, r, c):
+    """Row and column max-norms of ``diag(r) |M| diag(c)``."""
+    if isinstance(M, SparseMatrix):
+        return M.abs_max(r, c)
+    a = jnp.abs(M) * r[:, None] * c[None, :]
+    return jnp.max(a, axis=1, initial=0), jnp.max(a, axis=0, initial=0)
+
+
+def _row_norms(M):
+    return _abs_max(M, jnp.ones((M.shape[0],), M.dtype), jnp.ones((M.shape[1],), M.dtype))[0]
+
+
+def _scale_matrix(M, r, c):
+    """``diag(r) M diag(c)``."""
+    if isinstance(M, SparseMatrix):
+        return M.scale(r, c)
+    return M * jnp.outer(r, c)
+
+
+def _stack(A, G):
+    return A.vstack(G) if isinstance(A, SparseMatrix) else jnp.concatenate([A, G])
+
+
+def _all_finite(M):
+    return jnp.all(jnp.isfinite(M.data if isinstance(M, SparseMatrix) else M))
 
 
 class QPSolution(NamedTuple):
@@ -148,7 +185,7 @@ def _safe_h(h):
 
 
 def _sym(Q):
-    return 0.5 * (Q + Q.T)
+    return Q.sym() if isinstance(Q, SparseMatrix) else 0.5 * (Q + Q.T)
 
 
 def _kkt_matrix(Qs, A, G, m, eps):
@@ -289,7 +326,9 @@ def active_set_adjoint(
 
 def _amaxes(*xs):
     """``max |x|`` of each argument (0 for empty ones)."""
-    return tuple(jnp.max(jnp.abs(x)) if x.size else jnp.zeros((), x.dtype) for x in xs)
+    return tuple(
+        jnp.max(jnp.abs(x.data if isinstance(x, SparseMatrix) else x), initial=0)
+        if x.size else jnp.zeros((), x.dtype) for x in xs)
 
 
 class _Scales(NamedTuple):
@@ -365,7 +404,7 @@ def _active_mask(y, lam, G, h, tol):
     Gy = jnp.where(valid, _mm(G, y), 0)
     hs = lax.stop_gradient(_safe_h(h))
     bound = jnp.maximum(jnp.abs(hs), jnp.abs(Gy))
-    return kkt.active_mask(hs - Gy, lam, valid, tol, bound, jnp.max(jnp.abs(G), axis=1, initial=0))
+    return kkt.active_mask(hs - Gy, lam, valid, tol, bound, _row_norms(G))
 
 
 def _active_residual(tol):
@@ -461,22 +500,21 @@ def _equilibrate(qp: _QP, valid, iters=10) -> _Scaling:
     with rows scaled over ``1e-4..1e4``.)
     """
     Q, c, A, _, G, _ = qp
-    aQ = jnp.abs(Q)
-    aC = jnp.abs(jnp.concatenate([A, G * valid.astype(Q.dtype)[:, None]]))
+    C = _stack(A, G)
+    row_mask = jnp.concatenate([jnp.ones((A.shape[0],), Q.dtype), valid.astype(Q.dtype)])
 
     def inv_sqrt(norm):
         return 1 / jnp.sqrt(jnp.where(norm > 0, jnp.clip(norm, 1e-4, 1e4), 1))
 
     def sweep(_, carry):
         D, E = carry
-        col_q = jnp.max(aQ * D[None, :], axis=1) * D
-        col_c = jnp.max(aC * E[:, None], axis=0, initial=0) * D
-        row_c = jnp.max(aC * D[None, :], axis=1, initial=0) * E
+        col_q = _abs_max(Q, D, D)[0]
+        row_c, col_c = _abs_max(C, E * row_mask, D)
         return D * inv_sqrt(jnp.maximum(col_q, col_c)), E * inv_sqrt(row_c)
 
-    ones = (jnp.ones_like(c), jnp.ones((aC.shape[0],), Q.dtype))
+    ones = (jnp.ones_like(c), jnp.ones((C.shape[0],), Q.dtype))
     D, E = vma.fori_loop(0, iters, sweep, ones)
-    cost = jnp.maximum(jnp.mean(jnp.max(aQ * D[None, :], axis=1) * D), _amaxes(D * c)[0])
+    cost = jnp.maximum(jnp.mean(_abs_max(Q, D, D)[0]), _amaxes(D * c)[0])
     sigma = 1 / jnp.where(cost < 1e-4, 1, jnp.minimum(cost, 1e4))
     return _Scaling(D, E, sigma)
 
@@ -487,11 +525,11 @@ def _scale(qp: _QP, sc: _Scaling) -> _QP:
     p = A.shape[0]
     Ea, Eg = E[:p], E[p:]
     return _QP(
-        sigma * Q * jnp.outer(D, D),
+        _scale_matrix(Q, sigma * D, D),
         sigma * D * c,
-        A * jnp.outer(Ea, D),
+        _scale_matrix(A, Ea, D),
         Ea * b,
-        G * jnp.outer(Eg, D),
+        _scale_matrix(G, Eg, D),
         Eg * h,
     )
 
@@ -556,6 +594,8 @@ def _prepare(qp: _QP, valid) -> _Prepared:
     against the exact matrix. Rows of ``G`` with ``h_i = +inf`` are zeroed: they read
     ``-e_i x_i = r_i``.
     """
+    if isinstance(qp.Q, SparseMatrix):
+        return _prepare_sparse(qp, valid)
     Q, c, A, _, G, _ = qp
     dtype = Q.dtype
     eps = float(jnp.finfo(dtype).eps)
@@ -582,6 +622,63 @@ def _prepare(qp: _QP, valid) -> _Prepared:
                      convex)
 
 
+class _SparsePrepared(NamedTuple):
+    """:class:`_Prepared` for sparse data: the matrices, no factor.
+
+    Every ``K(m, e)`` is factorised on its own (:mod:`bilevel_jax._src.sparse_linalg`);
+    ``q_c`` is zero (the Schur shortcut ``t = Q_d^-1 r1`` of :func:`_kkt_solve` does not
+    apply).
+    """
+
+    Q: SparseMatrix
+    C: SparseMatrix
+    q_c: Array
+    refine: Array
+    singular: Array
+    delta: Array
+    convex: Array
+
+
+class _SparseFactor(NamedTuple):
+    """A host factorisation of the regularised ``K(m, e)``, and what it was made from."""
+
+    token: Array
+    m: Array
+    e: Array
+    d1: Array
+    d2: Array
+
+
+def _prepare_sparse(qp: _QP, valid) -> _SparsePrepared:
+    """The shift of ``Q_d = Q + delta I`` as :func:`_prepare` chooses it, for sparse data.
+
+    From the pivots of the sparse factorisation of ``Q_d`` (all constraint rows eliminated
+    with ``m = 0``): ``delta = 10 eps (1 + max|Q|)``, or ``sqrt(eps) (1 + max|Q|)`` with
+    three refinement steps per solve when a pivot is below ``sqrt(eps) (1 + max|Q|)``;
+    ``convex`` when ``Q_d`` then has ``n`` positive pivots (the inertia of the
+    quasi-definite matrix).
+    """
+    Q, c, A, _, G, _ = qp
+    dtype, n = c.dtype, c.shape[0]
+    eps = float(jnp.finfo(dtype).eps)
+    C = _stack(A, G.scale(valid.astype(dtype), jnp.ones((n,), dtype)))
+    scale = 1 + _amaxes(Q)[0]
+    rows = C.shape[0]
+
+    def pivots(delta):
+        _, positive, pivot = sparse_linalg.factor(
+            Q, C, jnp.zeros((rows,), dtype), jnp.full((rows,), 2, dtype), delta * scale, 1)
+        return positive, pivot
+
+    positive, pivot = pivots(10 * eps)
+    healthy = (positive == n) & (pivot > eps**0.5 * scale)
+    positive = vma.cond(healthy, lambda: positive, lambda: pivots(eps**0.5)[0])
+    # (one refinement step even when healthy: the kept multiplier rows are regularised)
+    refine = jnp.where(healthy, 1, 3).astype(jnp.int32)
+    delta = jnp.where(healthy, 10 * eps, eps**0.5) * scale
+    return _SparsePrepared(Q, C, jnp.zeros_like(c), refine, ~healthy, delta, positive == n)
+
+
 def _factor(pre: _Prepared, m, e, delta=None):
     """Cholesky factor of ``S = M W M + diag(e + delta (1 + max|W|))``.
 
@@ -591,6 +688,12 @@ def _factor(pre: _Prepared, m, e, delta=None):
     remove, is then needed to keep ``S`` definite. When ``Q`` is nearly singular ``W`` is
     large along its null space, so the smaller value matters there most.
     """
+    if isinstance(pre, _SparsePrepared):
+        # (a relative 1e-2 sqrt(eps) of float64 on the kept multiplier rows: the host
+        # factorises in float64, and refinement on the exact matrix removes the bias)
+        d2 = _regularisation(jnp.float64) * (1 + _amaxes(pre.C)[0] ** 2)
+        token, _, _ = sparse_linalg.factor(pre.Q, pre.C, m, e, pre.delta, d2)
+        return _SparseFactor(token, m, e, pre.delta, jnp.asarray(d2, m.dtype))
     dtype = pre.W.dtype
     scale = 1 + _amaxes(pre.W)[0]
     base = pre.W * jnp.outer(m, m) + jnp.diag(e)
@@ -631,6 +734,10 @@ def _kkt_solve(pre: _Prepared, chol_s, m, e, r, steps=1, t=None, cap=None):
     hypergradients 2e-2 and 6e-2 off on badly scaled fuzz QPs (``cond(K)`` 4.5e2 and 2e4,
     SUCCESS); running on gives 2e-3 and 8e-4.
     """
+    if isinstance(pre, _SparsePrepared):  # refined on the host, to rounding level with a cap
+        f = chol_s
+        return sparse_linalg.solve(f.token, pre.Q, pre.C, f.m, f.e, f.d1, f.d2, e, r, steps,
+                                   steps if cap is None else cap)
     r1, r2 = r
 
     def solve(r1, r2, t=None):
@@ -769,6 +876,8 @@ def _masked_solver(pre: _Prepared, m, e, delta=None, exact=None, unique=False):
     def solve(r, steps, t=None, cap=None):
         x = _kkt_solve(pre, chol_s, m, exact, r, steps, t, cap)
         ok = _backward_ok(pre, m, exact, r, x, strict=cap is not None)
+        if isinstance(pre, _SparsePrepared):  # (already a direct factorisation of K)
+            return x, ok & ~flat
         need = ~ok | (pre.singular & (eps > 1e-10))
         x, ok = vma.where_needed(need, _lu_fallback, (x, ok), pre, m, e, exact, r, x, ok)
         return x, ok & ~flat
@@ -893,6 +1002,8 @@ def _dual_step(pre: _Prepared, y, x, tau, rd):
     ``Q`` is nearly singular (the bias is not small), or the multipliers are large
     (``|U x| > 1e3 (1 + |y| + |q_c|)``, where that sum cancels), it is computed by a solve.
     """
+    if isinstance(pre, _SparsePrepared):
+        return jnp.zeros_like(y)  # (not used: the sparse solve ignores ``t``)
     Ux = _mm(pre.U, x)
     y_, q_, Ux_ = _amaxes(y, pre.q_c * tau, Ux)
     return vma.cond(
@@ -1127,7 +1238,7 @@ def _polish(qp: _QP, pre: _Prepared, out: _IPMOut, valid, ridge, tol, max_rounds
     dtype = Q.dtype
     p = A.shape[0]
 
-    row_norm = jnp.max(jnp.abs(G), axis=1, initial=0)
+    row_norm = _row_norms(G)
 
     def attempt(m):
         mm, e_ridge = active_system(p, m, ridge, dtype)
@@ -1203,7 +1314,7 @@ def solve_forward(theta, init, warm, polish, ridge, tol, max_iter):
     # homogeneous iterate overflowed with no certificate) > max steps.
     finite = ~jnp.any(jnp.isnan(h))
     for a in (Q, c, A, b, G):
-        finite = finite & jnp.all(jnp.isfinite(a))
+        finite = finite & _all_finite(a)
     converged = residual <= tol
     overflow = (out.flag == _NONFINITE) | ~jnp.isfinite(residual)
     finite = finite & (~overflow | converged | ~pre.convex)
