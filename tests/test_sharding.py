@@ -9,13 +9,14 @@ import conftest first, keep their single device), which prints a verdict per cas
 ``--xla_backend_optimization_level=0`` halves the compile time of these tiny problems and
 changes no result beyond rounding.
 
-For ``argmin`` (unconstrained, ``eq=``, ``ineq=``, ``box=``), ``solve_qp`` and
-``saddle_point``, a batch of 8 problems (one of them failing) is swept three ways: ``vmap``
-on one device (the reference), ``jax.jit`` with ``NamedSharding`` inputs, and
-``jax.shard_map`` with its default checks. Solutions, statuses, per-problem gradients
-(``vmap(grad)``) and the gradient of the summed loss (with respect to the per-problem data
-and to a hyperparameter ``w`` replicated over the devices) must agree; the failed member
-must get its own non-success status and NaN gradients while the others are unchanged.
+For ``argmin`` (unconstrained, ``eq=``, ``ineq=``, ``box=``), ``solve_qp``,
+``solve_qp_sparse`` (both methods) and ``saddle_point``, a batch of 8 problems (one of them
+failing) is swept three ways: ``vmap`` on one device (the reference), ``jax.jit`` with
+``NamedSharding`` inputs, and ``jax.shard_map`` with its default checks. Solutions,
+statuses, per-problem gradients (``vmap(grad)``) and the gradient of the summed loss (with
+respect to the per-problem data and to a hyperparameter ``w`` replicated over the devices)
+must agree; the failed member must get its own non-success status and NaN gradients while
+the others are unchanged.
 
 Defect 8 (issue 10): ``jax.shard_map`` failed through ``argmin`` ("dot_general requires
 varying manual axes to match") and ``solve_qp`` ("cond branches must have equal output
@@ -231,6 +232,25 @@ _SCRIPT = textwrap.dedent(
 
     attempt("saddle_point", run_case, saddle_loss, ok, nan_c)
 
+    # solve_qp_sparse, both methods: Q = X'X + w I as a BCOO (its data built per problem,
+    # the indices shared), the box |y| <= ub (ub < 0: lo > hi, INFEASIBLE). "direct"
+    # factorises on the host through jax.pure_callback, one problem after the other.
+    from jax.experimental import sparse as jsparse
+
+    q_rows, q_cols = np.nonzero(np.ones((n, n)))
+    q_idx = jnp.asarray(np.stack([q_rows, q_cols], 1))
+
+    def sparse_loss(theta, w, method):
+        Q = theta["X"].T @ theta["X"] + w * jnp.eye(n)
+        Qs = jsparse.BCOO((Q[q_rows, q_cols], q_idx), shape=(n, n))
+        sol = bj.solve_qp_sparse(Qs, -theta["c"], lo=-theta["ub"], hi=theta["ub"],
+                                 method=method)
+        return jnp.sum(jnp.sin(sol.y)), sol
+
+    for method in ("direct", "admm"):
+        loss = lambda theta, w, method=method: sparse_loss(theta, w, method)
+        attempt("solve_qp_sparse_" + method, run_case, loss, ok, neg_ub)
+
     # --- more code paths under shard_map's default checks (defect 8), feasible batch ------
     def bilevel_loss(theta, w):
         f_up = lambda x, y, z: 0.5 * jnp.sum((y - z[0]) ** 2) + 0.05 * z[1] * x @ x
@@ -268,7 +288,8 @@ _SCRIPT = textwrap.dedent(
     """
 )
 
-_CASES = ["solve_qp", "argmin", "argmin_eq", "argmin_ineq", "argmin_box", "saddle_point"]
+_CASES = ["solve_qp", "argmin", "argmin_eq", "argmin_ineq", "argmin_box", "saddle_point",
+          "solve_qp_sparse_direct", "solve_qp_sparse_admm"]
 _EXTRA = ["argmin_eq_cg", "argmin_unrolled", "saddle_point_sets", "bilevel_layer",
           "lbfgs_error"]
 

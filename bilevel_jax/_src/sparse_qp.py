@@ -1,5 +1,11 @@
 """``solve_qp_sparse``: large sparse and matrix-free convex QPs with exact hypergradients.
 
+Two methods. ``method="direct"`` (BCOO or dense data) is ``solve_qp``'s own interior point,
+polish, status rules and implicit rule (:mod:`bilevel_jax._src.qp`) run on
+:class:`~bilevel_jax._src.sparse_linalg.SparseMatrix` data, whose KKT matrices are
+factorised on the host (:mod:`bilevel_jax._src.sparse_linalg`); :func:`_solve_direct` only
+writes the box as rows of ``G``. ``method="admm"``, below, is matrix-free (operators).
+
 The problem is
 
     min_y  1/2 y'Qy + c'y    s.t.   A y = b ,   G y <= h ,   lo <= y <= hi ,
@@ -7,7 +13,7 @@ The problem is
 with ``Q``, ``A``, ``G`` given as :class:`jax.experimental.sparse.BCOO` matrices, dense arrays
 or linear operators (functions ``v -> M v``), and every other argument a vector.
 
-**Forward.** Three stages, all matrix-free (only products with ``Q``, ``A``, ``A'``, ``G``,
+**Forward (ADMM).** Three stages, all matrix-free (only products with ``Q``, ``A``, ``A'``, ``G``,
 ``G'`` are formed):
 
 1. *Equilibration.* Ruiz's iteration on ``[Q, C'; C, 0]`` (``C = [A; G]``) computes positive
@@ -799,20 +805,20 @@ def solve_qp_sparse(
     Two methods (``method="auto"``: ``"direct"`` when ``Q``, ``A`` and ``G`` are BCOO or
     dense arrays, ``"admm"`` when one of them is an operator):
 
-    **method="direct"** runs :func:`~bilevel_jax.solve_qp`'s own interior point and
-    implicit rule on the sparse data (the box as the rows ``-y <= -lo``, ``y <= hi``): Ruiz
-    equilibration, the homogeneous Mehrotra interior point (to ``1e-2 tol``), the status
-    rules, and the adjoint of the masked active-set KKT system with refinement on the exact
-    matrix. Its KKT matrices ``[[Q, C'M], [M C, -diag(e)]]`` are factorised by SciPy's
-    SuperLU on the host (through :func:`jax.pure_callback`): rows with ``e_i >= 1e-8``
-    (inactive at the iterate) are eliminated into the ``y`` block, the others kept in a
-    quasi-definite matrix (regularised by ``1e-2 sqrt(eps)``, the bias refined away) that
-    is factorised with a fill-reducing ordering and diagonal pivots. No polish (each
-    active-set round would be one more factorisation). Cost: one sparse factorisation per
-    interior-point iteration (about 15-20), plus one for the backward pass; memory that of
-    the sparse factors. It runs on the CPU (on an accelerator the data go to the host for
-    each factorisation); under ``jax.vmap`` the problems are factorised one after the
-    other.
+    **method="direct"** runs :func:`~bilevel_jax.solve_qp`'s own interior point and implicit
+    rule on the sparse data (the box as the rows ``-y <= -lo``, ``y <= hi``): Ruiz
+    equilibration, the homogeneous Mehrotra interior point (to ``1e-2 tol``), the status rules,
+    and the adjoint of the masked active-set KKT system with refinement on the exact matrix. Its
+    KKT matrices ``[[Q, C'M], [M C, -diag(e)]]`` are factorised by SciPy's SuperLU on the host
+    (through :func:`jax.pure_callback`): rows with ``e_i >= 1e-8`` (inactive at the iterate) are
+    eliminated into the ``y`` block, the others kept in a quasi-definite matrix (regularised by
+    ``1e-2 sqrt(eps)``, the bias refined away) that is factorised with a fill-reducing ordering
+    and diagonal pivots; then ``solve_qp``'s polish on the active set (from the interior point's
+    multipliers, which keeps them nonnegative on dependent active rows). Cost: one sparse
+    factorisation per interior-point iteration (about 15-20), one per polish round and one for
+    the backward pass; memory that of the sparse factors. It runs on the CPU (on an accelerator
+    the data go to the host for each factorisation); under ``jax.vmap`` the problems are
+    factorised one after the other.
 
     **method="admm"**: Ruiz equilibration (BCOO and dense data), then ADMM (the OSQP splitting of
     ``l <= [A; G; I] y <= u``) whose linear step is solved by warm-started conjugate
@@ -871,11 +877,12 @@ def solve_qp_sparse(
         float64, 1e-5 float32).
       max_iter: iteration limit (default 100 interior-point iterations for ``"direct"``,
         20000 ADMM iterations for ``"admm"``).
-      max_krylov: iteration limit of each MINRES solve (polish and adjoint).
+      max_krylov: iteration limit of each MINRES solve (polish and adjoint; ``"admm"``).
       ridge: ``eps >= 0`` on the multiplier diagonal of the adjoint system (default 1e-12
         float64, 1e-6 float32), for degenerate active sets.
-      rho: initial ADMM penalty (adapted).
-      max_rounds: active-set corrections per polish.
+      rho: initial ADMM penalty (adapted; ``"admm"``).
+      max_rounds: active-set corrections per polish (``"admm"``; ``"direct"`` uses
+        ``solve_qp``'s 8).
       admm_tol: relative residual at which ADMM stops for the first polish (default 1e-4
         float64, 1e-3 float32); each rejected polish divides it by 100.
       throw: raise :class:`~bilevel_jax.SolveError` on a non-success status.
@@ -949,7 +956,7 @@ def solve_qp_sparse(
         # of the polish is one more sparse factorisation (measured on the smoothing QP at
         # n = 1e4: 0.86 s with it, 0.40 s without, the same errors: y 8.9e-9, d/dtheta 3e-16).
         opts = dense_qp._Options("implicit", tol, 100 if max_iter is None else int(max_iter),
-                                 ridge, 0.0, 0.0, False, False)
+                                 ridge, 0.0, 0.0, True, False)
         box = not (lo_given is None and hi_given is None)
         solution = _solve_direct(_Specs(specQ, specA, specG), opts, box,
                                  (Qp, c, Ap, b, Gp, h, lo, hi))
