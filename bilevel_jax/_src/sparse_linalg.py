@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bilevel_jax._src import vma
+
 __all__ = ["SparseMatrix", "factor", "solve"]
 
 
@@ -279,8 +281,10 @@ def factor(Q: SparseMatrix, C: SparseMatrix, m, e, d1, d2, inertia=False):
     out = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
            jax.ShapeDtypeStruct((), dtype))
     cb = _partial(_host_factor, shapes=(Q.shape, C.shape), inertia=bool(inertia))
-    return jax.pure_callback(cb, out, *_parts(Q, C), m, e, jnp.asarray(d1, dtype),
-                             jnp.asarray(d2, dtype), vmap_method="sequential")
+    result = jax.pure_callback(cb, out, *_parts(Q, C), m, e, jnp.asarray(d1, dtype),
+                               jnp.asarray(d2, dtype), vmap_method="sequential")
+    # (inside shard_map a callback's results are typed replicated: they vary like its inputs)
+    return vma.vary_like(result, (Q, C, m, e))
 
 
 def solve(token, Q: SparseMatrix, C: SparseMatrix, m, e, d1, d2, exact, r, steps, cap):
@@ -298,10 +302,11 @@ def solve(token, Q: SparseMatrix, C: SparseMatrix, m, e, d1, d2, exact, r, steps
     out = (jax.ShapeDtypeStruct(r1.shape, r1.dtype), jax.ShapeDtypeStruct(r2.shape, r2.dtype))
     cb = _partial(_host_solve, shapes=(Q.shape, C.shape))
     dtype = Q.dtype
-    return jax.pure_callback(
+    result = jax.pure_callback(
         cb, out, token, *_parts(Q, C), m, e, jnp.asarray(d1, dtype), jnp.asarray(d2, dtype),
         exact, r1, r2, jnp.asarray(steps, jnp.int32), jnp.asarray(cap, jnp.int32),
         vmap_method="sequential")
+    return vma.vary_like(result, (token, Q, C, m, e, exact, r))
 
 
 def _partial(fn, **kw):
