@@ -390,3 +390,44 @@ def test_direct_smoothing_qp_against_dense_and_statuses():
         solve_qp_sparse(lambda v: v, c, lo=-0.3, hi=0.3, method="direct")
     with pytest.raises(ValueError, match="method"):
         solve_qp_sparse(Q, c, method="ipm")
+
+
+def test_direct_keeps_dense_rows_out_of_the_elimination():
+    """A dense row (the smoothing QP's sum(y) = b, with float32's ridge 1e-6 on it in the
+    adjoint) stays in the factorised matrix: eliminating it asked for n^2 = 1e10 entries at
+    n = 1e5. The factors stay O(n) and the solve is exact."""
+    import scipy.sparse as sp
+
+    from bilevel_jax._src import sparse_linalg as sl
+
+    n = 2000
+    Q = sp.eye(n, format="csr")
+    C = sp.vstack([sp.csr_matrix(np.ones((1, n))), sp.eye(n)], format="csr")
+    m, e = np.ones(n + 1), np.full(n + 1, 1e-6)
+    f = sl._Factor(Q, C, m, e, 1e-12, 1e-10)
+    assert not f.elim[0] and f.elim[1:].all()
+    assert f.lu.L.nnz + f.lu.U.nnz < 20 * n
+    rng = np.random.default_rng(0)
+    r1, r2 = rng.standard_normal(n), rng.standard_normal(n + 1)
+    x1, x2 = f.apply_inverse(r1, r2)
+    K = sp.bmat([[Q, C.T], [C, -sp.diags(e + 0)]], format="csr")
+    res = K @ np.concatenate([x1, x2]) - np.concatenate([r1, r2])
+    assert np.max(np.abs(res)) < 1e-6 * (1 + np.max(np.abs(r2)))
+
+
+def test_direct_float32_smoothing_qp():
+    Q64, c64, A64, b64, G64, h64 = smoothing(300, jnp.float64)
+    Q32, c32, A32, b32, G32, h32 = smoothing(300, jnp.float32)
+    w = np.random.default_rng(1).standard_normal(300)
+
+    def grad(Q, c, A, b, G, h, dtype):
+        def f(c):
+            return jnp.asarray(w, dtype) @ solve_qp_sparse(Q, c, A, b, G, h, -0.3, 0.3).y
+        return jax.grad(f)(c)
+
+    sol = solve_qp_sparse(Q32, c32, A32, b32, G32, h32, -0.3, 0.3)
+    assert sol.y.dtype == jnp.float32 and int(sol.info.status) == bj.Status.SUCCESS
+    g32 = grad(Q32, c32, A32, b32, G32, h32, jnp.float32)
+    g64 = grad(Q64, c64, A64, b64, G64, h64, jnp.float64)
+    assert g32.dtype == jnp.float32
+    assert float(jnp.linalg.norm(g32 - g64) / jnp.linalg.norm(g64)) <= 1e-3

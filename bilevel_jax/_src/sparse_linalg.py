@@ -11,17 +11,18 @@ The KKT matrices of that module are
 
 and :func:`factor` / :func:`solve` handle them when ``Q`` and ``C`` are sparse. The
 factorisation runs on the host, through :func:`jax.pure_callback`, with SciPy's SuperLU
-(``jax.experimental.sparse.linalg.spsolve`` does the same on CPU): rows with ``e_i >= 1``
-(inactive at an interior point) or ``m_i = 0`` (masked out) are eliminated into the ``y`` block
-(``Q + sum_i m_i^2 c_i c_i' / e_i``); the others stay, and the matrix factorised is the
-*quasi-definite* ``[[P + d1 I, C_R'M], [M C_R, -diag(e_R) - d2 I]]`` (``d1, d2 > 0``), which
-has an ``L D L'`` factorisation for every symmetric ordering. So SuperLU runs with a fill-
-reducing column ordering (COLAMD) and diagonal pivots only. (Measured on the 1-D smoothing QP
-at ``n = 1e5`` with 9e4 active rows: 0.1 s and 1.3e6 factor entries; SuperLU's default
-partial pivoting instead let the ordering degrade as interior-point weights spread, and ran
-out of memory on that active-set system; the minimum-degree ordering of ``A + A'`` took
-3.5 s.) Every :func:`solve` then refines the solution on the exact ``K(m, exact)`` (the
-regularisation's bias is removed, as the dense path does), on the host in float64.
+(``jax.experimental.sparse.linalg.spsolve`` does the same on CPU): rows with ``e_i >= 1e-8``
+(inactive at an interior point, or masked out) and at most 32 entries are eliminated into
+the ``y`` block (``Q + sum_i m_i^2 c_i c_i' / e_i``); the others stay, and the matrix
+factorised is the *quasi-definite* ``[[P + d1 I, C_R'M], [M C_R, -diag(e_R) - d2 I]]``
+(``d1, d2 > 0``), which has an ``L D L'`` factorisation for every symmetric ordering. So
+SuperLU runs with a fill-reducing column ordering (COLAMD) and diagonal pivots only.
+(Measured on the 1-D smoothing QP at ``n = 1e5`` with 9e4 active rows: 0.1 s and 1.3e6
+factor entries; SuperLU's default partial pivoting instead let the ordering degrade as
+interior-point weights spread, and ran out of memory on that active-set system; the
+minimum-degree ordering of ``A + A'`` took 3.5 s.) Every :func:`solve` then refines the
+solution on the exact ``K(m, exact)`` (the regularisation's bias is removed, as the dense
+path does), on the host in float64.
 
 A factorisation is a small integer token: the factors stay in a host-side cache, and
 :func:`solve` refactorises from the data it is passed when its token was evicted, so the
@@ -142,8 +143,12 @@ class _Factor:
 
         self.n = n = Q.shape[0]
         self.Q, self.C, self.m, self.e = Q, C, m, e
-        # (rows with m_i = 0 are decoupled: -e_i x2_i = r2_i)
-        self.elim = e >= 1e-8
+        # Rows with more than 32 entries stay (eliminating a row of k entries adds k^2 to
+        # the y block: the dense equality sum(y) = b of the smoothing QP, with the float32
+        # ridge 1e-6 on it, asked for 1e10 entries at n = 1e5), except masked ones
+        # (m_i = 0: -e_i x2_i = r2_i, no fill).
+        short = (np.diff(C.indptr) <= 32) | (m == 0)
+        self.elim = (e >= 1e-8) & short
         keep = ~self.elim
         self.m_over_e = np.where(self.elim, m / np.where(self.elim, e, 1), 0)
         self.inv_e = np.where(self.elim, 1 / np.where(self.elim, e, 1), 0)

@@ -810,15 +810,15 @@ def solve_qp_sparse(
     equilibration, the homogeneous Mehrotra interior point (to ``1e-2 tol``), the status rules,
     and the adjoint of the masked active-set KKT system with refinement on the exact matrix. Its
     KKT matrices ``[[Q, C'M], [M C, -diag(e)]]`` are factorised by SciPy's SuperLU on the host
-    (through :func:`jax.pure_callback`): rows with ``e_i >= 1e-8`` (inactive at the iterate) are
-    eliminated into the ``y`` block, the others kept in a quasi-definite matrix (regularised by
-    ``1e-2 sqrt(eps)``, the bias refined away) that is factorised with a fill-reducing ordering
-    and diagonal pivots; then ``solve_qp``'s polish on the active set (from the interior point's
-    multipliers, which keeps them nonnegative on dependent active rows). Cost: one sparse
-    factorisation per interior-point iteration (about 15-20), one per polish round and one for
-    the backward pass; memory that of the sparse factors. It runs on the CPU (on an accelerator
-    the data go to the host for each factorisation); under ``jax.vmap`` the problems are
-    factorised one after the other.
+    (through :func:`jax.pure_callback`): rows with ``e_i >= 1e-8`` (inactive at the iterate) and
+    at most 32 entries are eliminated into the ``y`` block, the others kept in a quasi-definite
+    matrix (regularised by ``1e-2 sqrt(eps)``, the bias refined away) that is factorised with a
+    fill-reducing ordering and diagonal pivots; then ``solve_qp``'s polish on the active set
+    (from the interior point's multipliers, which keeps them nonnegative on dependent active
+    rows). Cost: one sparse factorisation per interior-point iteration (about 15-20), one per
+    polish round and one for the backward pass; memory that of the sparse factors. It runs on
+    the CPU (on an accelerator the data go to the host for each factorisation); under
+    ``jax.vmap`` the problems are factorised one after the other.
 
     **method="admm"**: Ruiz equilibration (BCOO and dense data), then ADMM (the OSQP splitting of
     ``l <= [A; G; I] y <= u``) whose linear step is solved by warm-started conjugate
