@@ -737,17 +737,20 @@ def _kkt_solve(pre: _Prepared, chol_s, m, e, r, steps=1, t=None, cap=None):
     hypergradients 2e-2 and 6e-2 off on badly scaled fuzz QPs (``cond(K)`` 4.5e2 and 2e4,
     SUCCESS); running on gives 2e-3 and 8e-4.
     """
-    if isinstance(pre, _SparsePrepared):  # refined on the host, to rounding level with a cap
-        f = chol_s
-        return sparse_linalg.solve(f.token, pre.Q, pre.C, f.m, f.e, f.d1, f.d2, e, r, steps,
-                                   steps if cap is None else cap)
     r1, r2 = r
+    if isinstance(pre, _SparsePrepared):  # (a sparse factorisation of the whole matrix)
+        f = chol_s
 
-    def solve(r1, r2, t=None):
-        if t is None:
-            t = ls.cho_solve(pre.chol_q, r1)
-        x2 = ls.cho_solve(chol_s, m * _mm(pre.C, t) - r2)
-        return t - _mm(pre.U, m * x2), x2
+        def solve(r1, r2, t=None):
+            return sparse_linalg.solve(f.token, pre.Q, pre.C, f.m, f.e, f.d1, f.d2, (r1, r2))
+
+    else:
+
+        def solve(r1, r2, t=None):
+            if t is None:
+                t = ls.cho_solve(pre.chol_q, r1)
+            x2 = ls.cho_solve(chol_s, m * _mm(pre.C, t) - r2)
+            return t - _mm(pre.U, m * x2), x2
 
     if cap is None:
         def refine(_, x):

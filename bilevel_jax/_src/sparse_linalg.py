@@ -20,9 +20,10 @@ SuperLU runs with a fill-reducing column ordering (COLAMD) and diagonal pivots o
 (Measured on the 1-D smoothing QP at ``n = 1e5`` with 9e4 active rows: 0.1 s and 1.3e6
 factor entries; SuperLU's default partial pivoting instead let the ordering degrade as
 interior-point weights spread, and ran out of memory on that active-set system; the
-minimum-degree ordering of ``A + A'`` took 3.5 s.) Every :func:`solve` then refines the
-solution on the exact ``K(m, exact)`` (the regularisation's bias is removed, as the dense
-path does), on the host in float64.
+minimum-degree ordering of ``A + A'`` took 3.5 s.) :func:`solve` returns the solution of
+that regularised matrix (in float64 on the host); the caller refines it on the exact ``K(m,
+e)`` with the dense path's loop (:func:`bilevel_jax._src.qp._refine`), which removes the
+regularisation's bias.
 
 A factorisation is a small integer token: the factors stay in a host-side cache, and
 :func:`solve` refactorises from the data it is passed when its token was evicted, so the
@@ -218,47 +219,14 @@ def _host_factor(Qd, Qr, Qc, Cd, Cr, Cc, m, e, d1, d2, *, shapes, inertia):
     return (np.int32(token), np.int32(f.positive), np.asarray(f.pivot, Qd.dtype))
 
 
-def _host_solve(token, Qd, Qr, Qc, Cd, Cr, Cc, m, e, d1, d2, exact, r1, r2, steps, cap, *,
-                shapes):
+def _host_solve(token, Qd, Qr, Qc, Cd, Cr, Cc, m, e, d1, d2, r1, r2, *, shapes):
     with _LOCK:
         f = _CACHE.get(int(token))
     if f is None:  # evicted: factorise again from the data
         Q, C = _matrices(Qd, Qr, Qc, Cd, Cr, Cc, shapes)
         f = _Factor(Q, C, np.float64(m), np.float64(e), float(d1), float(d2))
-    m, ex = f.m, np.float64(exact)
-    r1, r2 = np.float64(r1), np.float64(r2)
-    eps = np.finfo(np.float64).eps
-
-    def apply(x1, x2):
-        return f.Q @ x1 + f.C.T @ (m * x2), m * (f.C @ x1) - ex * x2
-
-    def error(x1, x2):
-        a1, a2 = apply(x1, x2)
-        d1_, d2_ = r1 - a1, r2 - a2
-        scale = max(np.max(np.abs(r1), initial=0), np.max(np.abs(r2), initial=0))
-        scale += max(np.max(np.abs(a1), initial=0), np.max(np.abs(a2), initial=0))
-        size = max(np.max(np.abs(d1_), initial=0), np.max(np.abs(d2_), initial=0))
-        return (d1_, d2_), size / max(scale, np.finfo(np.float64).tiny)
-
-    # ``steps`` refinements on K(m, exact), then more (up to ``cap``) while each gains 10 %
-    # and the backward error on |r| + |K x| is above 2 eps; a step that does not help is undone.
-    x = f.apply_inverse(r1, r2)
-    finite = np.all(np.isfinite(x[0])) and np.all(np.isfinite(x[1]))
-    if not finite or max(int(cap), int(steps)) == 0:
-        return x[0].astype(Qd.dtype), x[1].astype(Qd.dtype)
-    d, res = error(*x)
-    last = np.inf
-    for i in range(max(int(cap), int(steps))):
-        if i >= steps and not (res > 2 * eps and res < 0.9 * last):
-            break
-        dx = f.apply_inverse(*d)
-        x_new = (x[0] + dx[0], x[1] + dx[1])
-        d_new, new = error(*x_new)
-        last = res
-        if i < steps or new < res:
-            x, d, res = x_new, d_new, new
-    dtype = Qd.dtype
-    return x[0].astype(dtype), x[1].astype(dtype)
+    x1, x2 = f.apply_inverse(np.float64(r1), np.float64(r2))
+    return x1.astype(r1.dtype), x2.astype(r2.dtype)
 
 
 def _parts(Q: SparseMatrix, C: SparseMatrix):
@@ -292,16 +260,15 @@ def factor(Q: SparseMatrix, C: SparseMatrix, m, e, d1, d2, inertia=False):
     return vma.vary_like(result, (Q, C, m, e))
 
 
-def solve(token, Q: SparseMatrix, C: SparseMatrix, m, e, d1, d2, exact, r, steps, cap):
-    """Solve ``K(m, exact) x = r`` with the factors of ``token``, refined on ``K(m, exact)``.
+def solve(token, Q: SparseMatrix, C: SparseMatrix, m, e, d1, d2, r):
+    """``x = K^-1 r`` for the *regularised* ``K`` factorised as ``token``.
 
-    ``token`` is ``factor(Q, C, m, e, d1, d2)``'s (the factors are recomputed from these
-    arguments if it was evicted). ``steps`` refinement steps, then up to ``cap`` while each
-    gains 10 % and the backward error on ``|r| + |K x|`` is above ``2 eps`` (the rule of
-    :func:`bilevel_jax._src.qp._refine`).
+    ``token`` is ``factor(Q, C, m, e, d1, d2)``'s; the factors are recomputed from these
+    arguments if it was evicted. Refinement on the exact matrix is the caller's
+    (:func:`bilevel_jax._src.qp._kkt_solve`, the loop of the dense path).
 
     Returns:
-      ``(x1, x2)``.
+      ``(x1, x2)``, NaN where the factorisation failed.
     """
     r1, r2 = r
     out = (jax.ShapeDtypeStruct(r1.shape, r1.dtype), jax.ShapeDtypeStruct(r2.shape, r2.dtype))
@@ -309,9 +276,8 @@ def solve(token, Q: SparseMatrix, C: SparseMatrix, m, e, d1, d2, exact, r, steps
     dtype = Q.dtype
     result = jax.pure_callback(
         cb, out, token, *_parts(Q, C), m, e, jnp.asarray(d1, dtype), jnp.asarray(d2, dtype),
-        exact, r1, r2, jnp.asarray(steps, jnp.int32), jnp.asarray(cap, jnp.int32),
-        vmap_method="sequential")
-    return vma.vary_like(result, (token, Q, C, m, e, exact, r))
+        r1, r2, vmap_method="sequential")
+    return vma.vary_like(result, (token, Q, C, m, e, r))
 
 
 def _partial(fn, **kw):
