@@ -159,35 +159,27 @@ def reference(prob):
     act_lo = lam_lo > np.maximum(y0 + BOX, 0)
     act_hi = lam_hi > np.maximum(BOX - y0, 0)
 
-    def kkt(act_g, act_lo, act_hi, rhs_y_of, x0):
+    for rounds in range(1, 21):  # noqa: B007 (reported)
+        # The equality KKT system on the guessed set, variables at a bound eliminated;
+        # -1e-10 I on the multiplier block (dependent active rows), refined against K.
         fixed = act_lo | act_hi
         free = ~fixed
+        yfix = np.where(act_hi, BOX, -BOX)
         C = sp.vstack([A, G[act_g]], format="csc")
-        CF = C[:, free]
         QF = Q[free][:, free]
-        K = sp.bmat([[QF, CF.T], [CF, None]], format="csc")
+        K = sp.bmat([[QF, C[:, free].T], [C[:, free], None]], format="csc")
         m = C.shape[0]
-        # -delta I on the multiplier block (dependent active rows), refined against K.
         reg = sp.bmat([[sp.csc_matrix((QF.shape[0], QF.shape[0])), None],
                        [None, -1e-10 * sp.eye(m)]], format="csc")
         lu = spla.splu((K + reg).tocsc())
 
-        def ksolve(r, x):
+        def ksolve(r, x, lu=lu, K=K):
             for _ in range(12):
                 x = x + lu.solve(r - K @ x)
             return x
 
-        return free, fixed, C, CF, K, ksolve, rhs_y_of(free, fixed), m
-
-    rounds = 0
-    for rounds in range(1, 21):  # noqa: B007
-        fixed = act_lo | act_hi
-        yfix = np.where(act_hi, BOX, -BOX)
-        free, fixed, C, CF, K, ksolve, rhs_y, m = kkt(
-            act_g, act_lo, act_hi,
-            lambda free, fixed, yfix=yfix: theta[free] - Q[free][:, fixed] @ yfix[fixed], None)
-        Cfix = C[:, fixed]
-        rhs_c = np.concatenate([prob["b"], h[act_g]]) - Cfix @ yfix[fixed]
+        rhs_y = theta[free] - Q[free][:, fixed] @ yfix[fixed]
+        rhs_c = np.concatenate([prob["b"], h[act_g]]) - C[:, fixed] @ yfix[fixed]
         x0 = np.concatenate([y0[free], nu0, np.maximum(lam_g[act_g], 0)])
         x = ksolve(np.concatenate([rhs_y, rhs_c]), x0)
         y = yfix.copy()

@@ -637,16 +637,19 @@ class _SparsePrepared(NamedTuple):
     singular: Array
     delta: Array
     convex: Array
+    d2: Array  # regularisation of the kept multiplier rows (see _factor)
 
 
 class _SparseFactor(NamedTuple):
-    """A host factorisation of the regularised ``K(m, e)``, and what it was made from."""
+    """A host factorisation of the regularised ``K(m, e)``.
+
+    Its shifts are ``pre.delta`` and ``pre.d2``; ``m`` and ``e`` are kept for a
+    refactorisation if the host evicted it.
+    """
 
     token: Array
     m: Array
     e: Array
-    d1: Array
-    d2: Array
 
 
 def _prepare_sparse(qp: _QP, valid) -> _SparsePrepared:
@@ -679,7 +682,10 @@ def _prepare_sparse(qp: _QP, valid) -> _SparsePrepared:
     # 0.45 s of 3.8 s and changed no iteration count)
     refine = jnp.where(healthy, 0, 3).astype(jnp.int32)
     delta = jnp.where(healthy, 10 * eps, eps**0.5) * scale
-    return _SparsePrepared(Q, C, jnp.zeros_like(c), refine, ~healthy, delta, positive == n)
+    # (a relative 1e-2 sqrt(eps) of float64 on the kept multiplier rows: the host
+    # factorises in float64, and refinement on the exact matrix removes the bias)
+    d2 = (_regularisation(jnp.float64) * (1 + _amaxes(C)[0] ** 2)).astype(dtype)
+    return _SparsePrepared(Q, C, jnp.zeros_like(c), refine, ~healthy, delta, positive == n, d2)
 
 
 def _factor(pre: _Prepared, m, e, delta=None):
@@ -692,11 +698,8 @@ def _factor(pre: _Prepared, m, e, delta=None):
     large along its null space, so the smaller value matters there most.
     """
     if isinstance(pre, _SparsePrepared):
-        # (a relative 1e-2 sqrt(eps) of float64 on the kept multiplier rows: the host
-        # factorises in float64, and refinement on the exact matrix removes the bias)
-        d2 = _regularisation(jnp.float64) * (1 + _amaxes(pre.C)[0] ** 2)
-        token, _, _ = sparse_linalg.factor(pre.Q, pre.C, m, e, pre.delta, d2)
-        return _SparseFactor(token, m, e, pre.delta, jnp.asarray(d2, m.dtype))
+        token, _, _ = sparse_linalg.factor(pre.Q, pre.C, m, e, pre.delta, pre.d2)
+        return _SparseFactor(token, m, e)
     dtype = pre.W.dtype
     scale = 1 + _amaxes(pre.W)[0]
     base = pre.W * jnp.outer(m, m) + jnp.diag(e)
@@ -742,7 +745,8 @@ def _kkt_solve(pre: _Prepared, chol_s, m, e, r, steps=1, t=None, cap=None):
         f = chol_s
 
         def solve(r1, r2, t=None):
-            return sparse_linalg.solve(f.token, pre.Q, pre.C, f.m, f.e, f.d1, f.d2, (r1, r2))
+            return sparse_linalg.solve(f.token, pre.Q, pre.C, f.m, f.e, pre.delta, pre.d2,
+                                       (r1, r2))
 
     else:
 

@@ -66,10 +66,6 @@ class SparseMatrix:
         return cls(*children, shape)
 
     @classmethod
-    def from_bcoo(cls, M):
-        return cls(M.data, M.indices[:, 0], M.indices[:, 1], M.shape)
-
-    @classmethod
     def from_dense(cls, M):
         """Every entry stored (for small dense blocks beside sparse ones)."""
         r, n = M.shape
@@ -143,7 +139,7 @@ class _Factor:
         import scipy.sparse.linalg as sla
 
         self.n = n = Q.shape[0]
-        self.Q, self.C, self.m, self.e = Q, C, m, e
+        self.C = C
         # Rows with more than 32 entries stay (eliminating a row of k entries adds k^2 to
         # the y block: the dense equality sum(y) = b of the smoothing QP, with the float32
         # ridge 1e-6 on it, asked for 1e10 entries at n = 1e5), except masked ones

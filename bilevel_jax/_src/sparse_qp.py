@@ -92,12 +92,12 @@ class _Spec(NamedTuple):
     rmv: Callable | None = None  # closure-converted ``rmv(u, *consts)`` or None (transpose)
 
 
-def _gather(v, idx):
-    return v.at[idx].get(mode="fill", fill_value=0)
+def _bcoo(spec: _Spec, params) -> SparseMatrix:
+    """A BCOO's ``(data, row, col)`` as the engine's :class:`SparseMatrix`.
 
-
-def _seg(vals, idx, size):
-    return jax.ops.segment_sum(vals, idx, num_segments=size)
+    One implementation of the sparse products and norms serves both methods.
+    """
+    return SparseMatrix(*params, spec.shape)
 
 
 def _apply(spec: _Spec, params, v):
@@ -112,10 +112,10 @@ def _apply(spec: _Spec, params, v):
             out = 0.5 * (out + jnp.matmul(M.T, v, precision=_HI))
         return out
     if spec.kind == "bcoo":
-        data, row, col = params
-        out = _seg(data * _gather(v, col), row, r)
+        M = _bcoo(spec, params)
+        out = M @ v
         if spec.sym:
-            out = 0.5 * (out + _seg(data * _gather(v, row), col, n))
+            out = 0.5 * (out + M.T @ v)
         return out
     consts, _ = params
     return jnp.asarray(spec.mv(v, *consts)).astype(v.dtype)
@@ -131,8 +131,7 @@ def _apply_t(spec: _Spec, params, u, like):
     if spec.kind == "dense":
         return jnp.matmul(params.T, u, precision=_HI)
     if spec.kind == "bcoo":
-        data, row, col = params
-        return _seg(data * _gather(u, row), col, n)
+        return _bcoo(spec, params).T @ u
     consts, rconsts = params
     if spec.rmv is not None:
         return jnp.asarray(spec.rmv(u, *rconsts)).astype(u.dtype)
@@ -146,14 +145,9 @@ def _scaled_absmax(spec: _Spec, params, rs, cs):
     if spec.kind == "empty":
         return jnp.zeros((r,), cs.dtype), jnp.zeros((n,), cs.dtype)
     if spec.kind == "dense":
-        a = jnp.abs(params) * rs[:, None] * cs[None, :]
-        return jnp.max(a, axis=1, initial=0.0), jnp.max(a, axis=0, initial=0.0)
+        return dense_qp._abs_max(params, rs, cs)
     if spec.kind == "bcoo":
-        data, row, col = params
-        a = jnp.abs(data) * _gather(rs, row) * _gather(cs, col)
-        rmax = jax.ops.segment_max(a, row, num_segments=r)
-        cmax = jax.ops.segment_max(a, col, num_segments=n)
-        return jnp.maximum(rmax, 0), jnp.maximum(cmax, 0)
+        return dense_qp._abs_max(_bcoo(spec, params), rs, cs)
     return None
 
 
@@ -743,7 +737,7 @@ def _is_number(x):
 def _sparse(spec: _Spec, params, dtype):
     r, n = spec.shape
     if spec.kind == "bcoo":
-        return SparseMatrix(*params, spec.shape)
+        return _bcoo(spec, params)
     if spec.kind == "dense":
         return SparseMatrix.from_dense(params)
     none = jnp.zeros((0,), jnp.int32)
