@@ -392,27 +392,72 @@ def test_direct_smoothing_qp_against_dense_and_statuses():
         solve_qp_sparse(Q, c, method="ipm")
 
 
-def test_direct_keeps_dense_rows_out_of_the_elimination():
-    """A dense row (the smoothing QP's sum(y) = b, with float32's ridge 1e-6 on it in the
-    adjoint) stays in the factorised matrix: eliminating it asked for n^2 = 1e10 entries at
-    n = 1e5. The factors stay O(n) and the solve is exact."""
+@pytest.mark.parametrize("backend", ["qdldl", "superlu"])
+def test_direct_factorisation_of_a_dense_row(backend, monkeypatch):
+    """The host factorisation (QDLDL, or SuperLU without the ``qdldl`` package) of a KKT
+    matrix with a dense row (the smoothing QP's sum(y) = b) stays O(n), solves the
+    regularised matrix exactly and reads the inertia from the pivots."""
     import scipy.sparse as sp
 
     from bilevel_jax._src import sparse_linalg as sl
 
+    if backend == "superlu":
+        monkeypatch.setattr(sl, "_qdldl", lambda: None)
     n = 2000
     Q = sp.eye(n, format="csr")
     C = sp.vstack([sp.csr_matrix(np.ones((1, n))), sp.eye(n)], format="csr")
     m, e = np.ones(n + 1), np.full(n + 1, 1e-6)
-    f = sl._Factor(Q, C, m, e, 1e-12, 1e-10)
-    assert not f.elim[0] and f.elim[1:].all()
-    assert f.lu.L.nnz + f.lu.U.nnz < 20 * n
+    pattern = sl._Pattern(Q, C, upper=backend == "qdldl")
+    f = sl._Factor(pattern, m, e, 1e-12, 1e-10, inertia=True)
+    assert f.ok and f.positive == n and f.pivot > 0
+    if backend == "qdldl":
+        assert pattern.solvers[0][0].factors()[0].nnz < 20 * n
+    else:
+        assert f.lu.L.nnz + f.lu.U.nnz < 20 * n
     rng = np.random.default_rng(0)
     r1, r2 = rng.standard_normal(n), rng.standard_normal(n + 1)
     x1, x2 = f.apply_inverse(r1, r2)
-    K = sp.bmat([[Q, C.T], [C, -sp.diags(e + 0)]], format="csr")
+    K = sp.bmat([[Q + 1e-12 * sp.eye(n), C.T], [C, -sp.diags(e + 1e-10)]], format="csr")
     res = K @ np.concatenate([x1, x2]) - np.concatenate([r1, r2])
-    assert np.max(np.abs(res)) < 1e-6 * (1 + np.max(np.abs(r2)))
+    assert np.max(np.abs(res)) < 1e-8 * (1 + np.max(np.abs(r2)))
+    # With the rows masked out (m = 0, as _prepare_sparse asks) the inertia is Q's: an
+    # indefinite Q gives fewer than n positive pivots (or a zero pivot: no factorisation).
+    Q_bad = sp.diags(np.where(np.arange(n) % 2, 1.0, -1.0), format="csr")
+    bad = sl._Factor(sl._Pattern(Q_bad, C, upper=backend == "qdldl"), 0 * m, e, 1e-12, 1e-10,
+                     inertia=True)
+    assert not bad.ok or bad.positive < n
+
+
+def test_direct_host_cache_eviction_and_superlu(monkeypatch):
+    """With the host caches holding one pattern and one factorisation, a vmapped solve (the
+    problems factorised one after the other) passes the matrices again and gives the loop's
+    answer; so does SciPy's SuperLU in place of QDLDL."""
+    from bilevel_jax._src import sparse_linalg as sl
+
+    datas = [problem(s) for s in (0, 1)]
+    pattern = [np.any([d[i] != 0 for d in datas], axis=0) for i in (0, 2, 4)]
+    idx = tuple(jnp.asarray(np.argwhere(m)) for m in pattern)
+
+    def values_of(d):
+        Q, c, A, b, G, h, lo, hi = d
+        return (Q[pattern[0]], c, A[pattern[1]], b, G[pattern[2]], h, lo, hi)
+
+    stacked = [jnp.asarray(np.stack(x)) for x in zip(*map(values_of, datas), strict=True)]
+    w = jnp.asarray(np.random.default_rng(3).standard_normal(N))
+
+    def loss(*vals):
+        return w @ sparse_solve(*vals, *idx, method="direct").y
+
+    grad = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(1, 5))))
+    expected = grad(*stacked)
+    monkeypatch.setattr(sl, "_CACHE_SIZE", 1)
+    monkeypatch.setattr(sl, "_PATTERNS_SIZE", 1)
+    evicting = grad(*stacked)
+    monkeypatch.setattr(sl, "_qdldl", lambda: None)
+    superlu = grad(*stacked)
+    for got in (evicting, superlu):
+        for a, b_ in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(a, b_, rtol=1e-8, atol=1e-9)
 
 
 def test_direct_float32_smoothing_qp():

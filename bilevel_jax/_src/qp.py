@@ -638,6 +638,7 @@ class _SparsePrepared(NamedTuple):
     delta: Array
     convex: Array
     d2: Array  # regularisation of the kept multiplier rows (see _factor)
+    pattern: Array  # the host's token for the pattern of K (sparse_linalg.pattern)
 
 
 class _SparseFactor(NamedTuple):
@@ -667,11 +668,12 @@ def _prepare_sparse(qp: _QP, valid) -> _SparsePrepared:
     C = _stack(A, G.scale(valid.astype(dtype), jnp.ones((n,), dtype)))
     scale = 1 + _amaxes(Q)[0]
     rows = C.shape[0]
+    pattern = sparse_linalg.pattern(Q, C)
 
     def pivots(delta):
         _, positive, pivot = sparse_linalg.factor(
             Q, C, jnp.zeros((rows,), dtype), jnp.full((rows,), 2, dtype), delta * scale, 1,
-            inertia=True)
+            inertia=True, pattern=pattern)
         return positive, pivot
 
     positive, pivot = pivots(10 * eps)
@@ -685,7 +687,8 @@ def _prepare_sparse(qp: _QP, valid) -> _SparsePrepared:
     # (a relative 1e-2 sqrt(eps) of float64 on the kept multiplier rows: the host
     # factorises in float64, and refinement on the exact matrix removes the bias)
     d2 = (_regularisation(jnp.float64) * (1 + _amaxes(C)[0] ** 2)).astype(dtype)
-    return _SparsePrepared(Q, C, jnp.zeros_like(c), refine, ~healthy, delta, positive == n, d2)
+    return _SparsePrepared(Q, C, jnp.zeros_like(c), refine, ~healthy, delta, positive == n, d2,
+                           pattern)
 
 
 def _factor(pre: _Prepared, m, e, delta=None):
@@ -698,7 +701,8 @@ def _factor(pre: _Prepared, m, e, delta=None):
     large along its null space, so the smaller value matters there most.
     """
     if isinstance(pre, _SparsePrepared):
-        token, _, _ = sparse_linalg.factor(pre.Q, pre.C, m, e, pre.delta, pre.d2)
+        token, _, _ = sparse_linalg.factor(pre.Q, pre.C, m, e, pre.delta, pre.d2,
+                                           pattern=pre.pattern)
         return _SparseFactor(token, m, e)
     dtype = pre.W.dtype
     scale = 1 + _amaxes(pre.W)[0]
