@@ -61,7 +61,7 @@ def _write_page_code(folder: Path) -> dict:
 
 def _env(devices: int | None) -> dict:
     env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    flags = env.get("XLA_FLAGS", "")  # (with conftest's --xla_backend_optimization_level=0)
     # XLA:CPU aborts a collective when one device thread is 40 s late; the forced host
     # devices are threads on 2 shared cores, which a second pytest worker slows down.
     flags += " --xla_cpu_collective_call_terminate_timeout_seconds=900"

@@ -407,11 +407,18 @@ def test_direct_factorisation_of_a_dense_row(backend, monkeypatch):
     Q = sp.eye(n, format="csr")
     C = sp.vstack([sp.csr_matrix(np.ones((1, n))), sp.eye(n)], format="csr")
     m, e = np.ones(n + 1), np.full(n + 1, 1e-6)
-    pattern = sl._Pattern(Q, C, upper=backend == "qdldl")
-    f = sl._Factor(pattern, m, e, 1e-12, 1e-10, inertia=True)
+
+    def values(Q, C, repeat=1):  # (repeat: every entry of C given ``repeat`` times, summed)
+        Qo, Co = Q.tocoo(), C.tocoo()
+        Cd, Cr, Cc = (np.tile(a, repeat) for a in (Co.data / repeat, Co.row, Co.col))
+        return sl._values(Qo.data, Qo.row, Qo.col, Cd, Cr, Cc, (Q.shape, C.shape))[1]
+
+    v = values(Q, C)
+    assert v.pattern.upper == (backend == "qdldl")
+    f = sl._Factor(v, m, e, 1e-12, 1e-10, inertia=True)
     assert f.ok and f.positive == n and f.pivot > 0
     if backend == "qdldl":
-        assert pattern.solvers[0][0].factors()[0].nnz < 20 * n
+        assert v.pattern.solvers[0][0].factors()[0].nnz < 20 * n
     else:
         assert f.lu.L.nnz + f.lu.U.nnz < 20 * n
     rng = np.random.default_rng(0)
@@ -420,11 +427,13 @@ def test_direct_factorisation_of_a_dense_row(backend, monkeypatch):
     K = sp.bmat([[Q + 1e-12 * sp.eye(n), C.T], [C, -sp.diags(e + 1e-10)]], format="csr")
     res = K @ np.concatenate([x1, x2]) - np.concatenate([r1, r2])
     assert np.max(np.abs(res)) < 1e-8 * (1 + np.max(np.abs(r2)))
+    # Repeated entries add up, as in BCOO.
+    twice = sl._Factor(values(Q, C, repeat=2), m, e, 1e-12, 1e-10)
+    np.testing.assert_allclose(twice.apply_inverse(r1, r2)[0], x1, rtol=1e-10, atol=1e-12)
     # With the rows masked out (m = 0, as _prepare_sparse asks) the inertia is Q's: an
     # indefinite Q gives fewer than n positive pivots (or a zero pivot: no factorisation).
     Q_bad = sp.diags(np.where(np.arange(n) % 2, 1.0, -1.0), format="csr")
-    bad = sl._Factor(sl._Pattern(Q_bad, C, upper=backend == "qdldl"), 0 * m, e, 1e-12, 1e-10,
-                     inertia=True)
+    bad = sl._Factor(values(Q_bad, C), 0 * m, e, 1e-12, 1e-10, inertia=True)
     assert not bad.ok or bad.positive < n
 
 

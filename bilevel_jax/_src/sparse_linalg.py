@@ -122,14 +122,16 @@ class SparseMatrix:
 
 _CACHE: collections.OrderedDict = collections.OrderedDict()
 _CACHE_SIZE = 8
-# The patterns of the last few (Q, C), found by comparing their arrays: an interior point
-# factorises the same Q and C with new weights every iteration (building the SciPy matrices
-# cost 0.3 s of 3.8 s on the smoothing QP at n = 1e5; a blake2b digest of the arrays, 0.24 s).
-_PATTERNS: collections.OrderedDict = collections.OrderedDict()  # id -> (key, arrays, pattern)
-_PATTERNS_SIZE = 4
+# The patterns of the last few sparsities of (Q, C), found by comparing their index arrays
+# (an interior point factorises matrices of one pattern every iteration, and a bilevel loop
+# solves with new values of one sparsity every step), and the values registered by
+# :func:`pattern`, by token.
+_STRUCTURES: collections.deque = collections.deque(maxlen=4)
+_PATTERNS: collections.OrderedDict = collections.OrderedDict()  # token -> _Values
+_PATTERNS_SIZE = 8
 _LOCK = threading.Lock()
 _TOKENS = itertools.count(1)
-_SOLVERS_PER_PATTERN = 2  # QDLDL solvers kept per pattern (see _Pattern.solver)
+_SOLVERS_PER_PATTERN = 1  # QDLDL solvers per pattern (a second one costs a new ordering)
 
 
 def _qdldl():
@@ -142,52 +144,56 @@ def _qdldl():
 
 
 class _Pattern:
-    """The stored entries of ``K(m, e)`` for one ``(Q, C)``, and where each comes from.
+    """The stored entries of ``K(m, e)`` for one sparsity of ``(Q, C)``, and their sources.
 
     The entries of ``Q``, ``M C`` (and ``C'M``) and of the two diagonals are stored whatever
-    ``m`` and ``e`` (zeros included), so every factorisation of one solve has one pattern:
-    QDLDL orders it (AMD) and analyses it once, then refactorises in place. (Measured on
-    the smoothing QP at ``n = 1e5``: 12 ms per refactorisation and 2.6 ms per solve, against
-    92 ms and 17 ms for SuperLU on the same matrix.) QDLDL takes the upper triangle,
-    SuperLU the whole matrix.
+    the values, ``m`` and ``e`` (zeros included), so every factorisation of one sparsity has
+    one pattern: QDLDL orders it (AMD) and analyses it once, then refactorises in place,
+    across interior-point iterations and across calls whose values change (the solvers are
+    kept here). (Measured on the smoothing QP at ``n = 1e5``: 5 ms per refactorisation and
+    3 ms per solve, against 92 ms and 17 ms for SuperLU on the same matrix.) QDLDL takes the
+    upper triangle, SuperLU the whole matrix.
     """
 
-    def __init__(self, Q, C, upper):
-        Q, C = Q.tocoo(), C.tocoo()
-        self.n, self.r = n, r = Q.shape[0], C.shape[0]
-        self.upper = upper
-        q = (Q.row <= Q.col) if upper else np.ones(Q.nnz, bool)
-        self.q_values, self.c_values, self.c_row = Q.data[q], C.data, C.row
+    def __init__(self, Qr, Qc, Cr, Cc, shapes, upper):
+        (n, _), (r, _) = shapes
+        self.n, self.r, self.upper = n, r, upper
+        q = (Qr >= 0) & (Qr < n) & (Qc >= 0) & (Qc < n)  # (BCOO's padding is out of range)
+        if upper:
+            q &= Qr <= Qc
+        c = (Cr >= 0) & (Cr < r) & (Cc >= 0) & (Cc < n)
+        self.q_sel, self.c_sel = np.flatnonzero(q), np.flatnonzero(c)
+        Qr, Qc, Cr, Cc = Qr[q], Qc[q], Cr[c], Cc[c]
+        self.c_row = Cr
         diag = np.arange(n + r)
-        rows, cols = [Q.row[q], diag, C.col], [Q.col[q], diag, n + C.row]
+        rows, cols = [Qr, diag, Cc], [Qc, diag, n + Cr]
         if not upper:  # (M C below the diagonal too)
-            rows.append(n + C.row)
-            cols.append(C.col)
+            rows.append(n + Cr)
+            cols.append(Cc)
         size = n + r
         keys = np.concatenate(cols).astype(np.int64) * size + np.concatenate(rows)
-        # CSC order (by column, then row); source k is stored entry ``where[k]``
-        keys, where = np.unique(keys, return_inverse=True)
+        # CSC order (by column, then row); given entry k is stored entry ``where[k]``
+        # (np.unique(..., return_inverse=True) does the same, 5x slower here)
+        order = np.argsort(keys)
+        keys = keys[order]
+        new = np.empty(keys.size, bool)
+        new[:1] = True
+        np.not_equal(keys[1:], keys[:-1], out=new[1:])
+        where = np.empty(keys.size, np.int64)
+        where[order] = np.cumsum(new) - 1
+        keys = keys[new]
         self.indices = (keys % size).astype(np.int32)
         self.indptr = np.searchsorted(keys // size, np.arange(size + 1)).astype(np.int32)
-        ends = np.cumsum([q.sum(), n, r, C.nnz, C.nnz])
-        self.base = np.bincount(where[: ends[0]], weights=self.q_values,
-                                minlength=keys.size).astype(np.float64)  # (int when Q = 0)
+        ends = np.cumsum([Qr.size, n, r, Cr.size, Cr.size])
+        self.q_at = where[: ends[0]]
         self.diag_y, self.diag_z = where[ends[0]: ends[1]], where[ends[1]: ends[2]]
         self.c_at = [where[ends[2]: ends[3]]] + ([] if upper else [where[ends[3]:]])
+        # (C's entries are off the diagonal; they are assigned, not added, unless repeated)
+        seen = np.zeros(keys.size, bool)
+        seen[self.c_at[0]] = True
+        self.c_distinct = int(seen.sum()) == self.c_at[0].size
         self.solvers: list = []  # [QDLDL solver, the _Factor it holds], most recent first
         self.lock = threading.Lock()  # (callbacks may run on several threads: shard_map)
-
-    def matrix(self, m, e, d1, d2):
-        """The regularised ``K(m, e)``, quasi-definite (``d1, d2 > 0``), in CSC."""
-        import scipy.sparse as sp
-
-        data = self.base.copy()
-        data[self.diag_y] += d1
-        data[self.diag_z] = -(e + d2)
-        for at in self.c_at:  # (C's entries are distinct, and off the diagonal)
-            data[at] = self.c_values * m[self.c_row]
-        size = self.n + self.r
-        return sp.csc_matrix((data, self.indices, self.indptr), shape=(size, size))
 
     def solver(self, f, qdldl):
         """A QDLDL solver holding ``f``'s factors (refactorised if none holds them)."""
@@ -195,7 +201,7 @@ class _Pattern:
             if held is f:
                 self.solvers.insert(0, self.solvers.pop(i))
                 return s
-        K = self.matrix(*f.values)
+        K = f.values.matrix(*f.weights)
         if len(self.solvers) < _SOLVERS_PER_PATTERN:
             s = qdldl.Solver(K, upper=True)  # (orders and analyses the pattern)
         else:
@@ -205,18 +211,46 @@ class _Pattern:
         return s
 
 
+class _Values:
+    """The values of one ``(Q, C)`` on its :class:`_Pattern`."""
+
+    def __init__(self, pattern, Qd, Cd):
+        self.pattern = pattern
+        q_values, self.c_values = np.float64(Qd[pattern.q_sel]), np.float64(Cd[pattern.c_sel])
+        self.finite = bool(np.all(np.isfinite(q_values)) and np.all(np.isfinite(self.c_values)))
+        self.base = np.bincount(pattern.q_at, weights=q_values,
+                                minlength=pattern.indices.size).astype(np.float64)
+
+    def matrix(self, m, e, d1, d2):
+        """The regularised ``K(m, e)``, quasi-definite (``d1, d2 > 0``), in CSC."""
+        import scipy.sparse as sp
+
+        p = self.pattern
+        data = self.base.copy()
+        data[p.diag_y] += d1
+        data[p.diag_z] = -(e + d2)
+        mc = self.c_values * m[p.c_row]
+        for at in p.c_at:
+            if p.c_distinct:
+                data[at] = mc
+            else:
+                data += np.bincount(at, weights=mc, minlength=data.size)
+        size = p.n + p.r
+        return sp.csc_matrix((data, p.indices, p.indptr), shape=(size, size))
+
+
 class _Factor:
     """A factorisation of the regularised ``K(m, e)`` (see the module docstring)."""
 
-    def __init__(self, pattern, m, e, d1, d2, inertia=False):
-        self.pattern, self.values = pattern, (m, e, d1, d2)
+    def __init__(self, values: _Values, m, e, d1, d2, inertia=False):
+        self.values, self.weights = values, (m, e, d1, d2)
+        self.pattern = values.pattern
         self.ok, self.positive, self.pivot = False, -1, np.nan
-        if not (np.all(np.isfinite(pattern.q_values)) and np.all(np.isfinite(pattern.c_values))
-                and np.all(np.isfinite(m)) and np.all(np.isfinite(e))):
+        if not (values.finite and np.all(np.isfinite(m)) and np.all(np.isfinite(e))):
             return  # (NaN data: every solve is NaN)
         qdldl = _qdldl()
         try:
-            if qdldl is not None:
+            if self.pattern.upper:
                 pivots = self._factorise_qdldl(qdldl, inertia)
             else:
                 pivots = self._factorise_superlu(inertia)
@@ -236,7 +270,7 @@ class _Factor:
     def _factorise_superlu(self, inertia):
         import scipy.sparse.linalg as sla
 
-        K = self.pattern.matrix(*self.values)
+        K = self.values.matrix(*self.weights)
         # diagonal pivots only (a symmetric ordering of a quasi-definite matrix has an
         # L D L' factorisation; partial pivoting let the fill grow as the weights spread)
         self.lu = sla.splu(K, permc_spec="COLAMD", diag_pivot_thresh=0.0,
@@ -256,40 +290,40 @@ class _Factor:
         return x[: self.pattern.n], x[self.pattern.n:]
 
 
-def _matrix(data, row, col, shape):
-    import scipy.sparse as sp
+def _values(Qd, Qr, Qc, Cd, Cr, Cc, shapes):
+    """``(token, values)``: these arrays' :class:`_Values`, registered in :data:`_PATTERNS`.
 
-    ok = (row >= 0) & (row < shape[0]) & (col >= 0) & (col < shape[1])
-    return sp.csr_matrix((data[ok], (row[ok], col[ok])), shape=shape)
-
-
-def _pattern(Qd, Qr, Qc, Cd, Cr, Cc, shapes):
-    """``(id, pattern)``: these arrays' :class:`_Pattern`, from :data:`_PATTERNS` if seen."""
-    arrays = (Qd, Qr, Qc, Cd, Cr, Cc)
+    Their :class:`_Pattern` comes from :data:`_STRUCTURES` when the indices were seen.
+    """
+    indices = (Qr, Qc, Cr, Cc)
     upper = _qdldl() is not None
+    pattern = None
     with _LOCK:
-        for pid, (key, saved, pattern) in _PATTERNS.items():
+        for key, saved, p in _STRUCTURES:
             if key == (shapes, upper) and all(
                     a.dtype == b.dtype and np.array_equal(a, b)
-                    for a, b in zip(arrays, saved, strict=True)):
-                return pid, pattern
-    Q = _matrix(np.float64(Qd), Qr, Qc, shapes[0])
-    C = _matrix(np.float64(Cd), Cr, Cc, shapes[1])
-    pattern = _Pattern(Q, C, upper)
+                    for a, b in zip(indices, saved, strict=True)):
+                pattern = p
+                break
+    if pattern is None:
+        pattern = _Pattern(*indices, shapes, upper)
+        with _LOCK:
+            _STRUCTURES.append(((shapes, upper), tuple(np.array(a) for a in indices), pattern))
+    values = _Values(pattern, Qd, Cd)
     with _LOCK:
         pid = next(_TOKENS) % (2**31 - 1)
-        _PATTERNS[pid] = ((shapes, upper), tuple(np.array(a) for a in arrays), pattern)
+        _PATTERNS[pid] = values
         while len(_PATTERNS) > _PATTERNS_SIZE:
             _PATTERNS.popitem(last=False)
-    return pid, pattern
+    return pid, values
 
 
 def _host_pattern(Qd, Qr, Qc, Cd, Cr, Cc, *, shapes):
-    return np.int32(_pattern(Qd, Qr, Qc, Cd, Cr, Cc, shapes)[0])
+    return np.int32(_values(Qd, Qr, Qc, Cd, Cr, Cc, shapes)[0])
 
 
-def _new_factor(pattern, m, e, d1, d2, inertia, dtype):
-    f = _Factor(pattern, np.float64(m), np.float64(e), float(d1), float(d2), inertia)
+def _new_factor(values, m, e, d1, d2, inertia, dtype):
+    f = _Factor(values, np.float64(m), np.float64(e), float(d1), float(d2), inertia)
     with _LOCK:
         token = next(_TOKENS) % (2**31 - 1)
         _CACHE[token] = f
@@ -299,8 +333,8 @@ def _new_factor(pattern, m, e, d1, d2, inertia, dtype):
 
 
 def _host_factor(Qd, Qr, Qc, Cd, Cr, Cc, m, e, d1, d2, *, shapes, inertia):
-    pattern = _pattern(Qd, Qr, Qc, Cd, Cr, Cc, shapes)[1]
-    return _new_factor(pattern, m, e, d1, d2, inertia, Qd.dtype)
+    values = _values(Qd, Qr, Qc, Cd, Cr, Cc, shapes)[1]
+    return _new_factor(values, m, e, d1, d2, inertia, Qd.dtype)
 
 
 def _host_factor_cached(pid, m, e, d1, d2, *, inertia):
@@ -308,7 +342,7 @@ def _host_factor_cached(pid, m, e, d1, d2, *, inertia):
         saved = _PATTERNS.get(int(pid))
     if saved is None:  # evicted: :func:`factor` calls _host_factor with the data
         return np.int32(0), np.int32(-1), np.asarray(np.nan, m.dtype), np.bool_(False)
-    return *_new_factor(saved[2], m, e, d1, d2, inertia, m.dtype), np.bool_(True)
+    return *_new_factor(saved, m, e, d1, d2, inertia, m.dtype), np.bool_(True)
 
 
 def _host_solve_cached(token, r1, r2):
@@ -324,8 +358,8 @@ def _host_solve(token, Qd, Qr, Qc, Cd, Cr, Cc, m, e, d1, d2, r1, r2, *, shapes):
     with _LOCK:
         f = _CACHE.get(int(token))
     if f is None:  # evicted: factorise again from the data
-        pattern = _pattern(Qd, Qr, Qc, Cd, Cr, Cc, shapes)[1]
-        f = _Factor(pattern, np.float64(m), np.float64(e), float(d1), float(d2))
+        values = _values(Qd, Qr, Qc, Cd, Cr, Cc, shapes)[1]
+        f = _Factor(values, np.float64(m), np.float64(e), float(d1), float(d2))
     x1, x2 = f.apply_inverse(np.float64(r1), np.float64(r2))
     return x1.astype(r1.dtype), x2.astype(r2.dtype)
 

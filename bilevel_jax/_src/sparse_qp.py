@@ -803,10 +803,10 @@ def solve_qp_sparse(
     rule on the sparse data (the box as the rows ``-y <= -lo``, ``y <= hi``): Ruiz
     equilibration, the homogeneous Mehrotra interior point (to ``1e-2 tol``), the status rules,
     and the adjoint of the masked active-set KKT system with refinement on the exact matrix. Its
-    KKT matrices ``[[Q, C'M], [M C, -diag(e)]]`` are factorised by SciPy's SuperLU on the host
-    (through :func:`jax.pure_callback`): rows with ``e_i >= 1e-8`` (inactive at the iterate) and
-    at most 32 entries are eliminated into the ``y`` block, the others kept in a quasi-definite
-    matrix (regularised by ``1e-2 sqrt(eps)``, the bias refined away) that is factorised with a
+    KKT matrices ``[[Q, C'M], [M C, -diag(e)]]``, regularised into quasi-definite matrices
+    (``1e-2 sqrt(eps)``, the bias refined away), are factorised on the host (through
+    :func:`jax.pure_callback`) by QDLDL (the ``sparse`` extra), whose ordering and symbolic
+    analysis are done once per problem, or by SciPy's SuperLU without it (slower), with a
     fill-reducing ordering and diagonal pivots; then ``solve_qp``'s polish on the active set
     (from the interior point's multipliers, which keeps them nonnegative on dependent active
     rows). Cost: one sparse factorisation per interior-point iteration (about 15-20), one per
