@@ -172,26 +172,34 @@ def test_float32():
         np.testing.assert_allclose(a, b_, atol=2e-3 * (1 + float(jnp.max(jnp.abs(b_)))))
 
 
-@METHODS
-def test_vmap_equals_loop(method):
-    datas = [problem(s) for s in (0, 1, 2)]
-    # Same sparsity: the union pattern, with the values of each problem on it.
+def batch(seeds, method):
+    """Problems of one sparsity (the union pattern, each problem's values on it): their
+    stacked values, each problem's values, and the loss ``w'y*`` of one problem."""
+    datas = [problem(s) for s in seeds]
     pattern = [np.any([d[i] != 0 for d in datas], axis=0) for i in (0, 2, 4)]
     idx = tuple(jnp.asarray(np.argwhere(m)) for m in pattern)
 
     def values_of(d):
         Q, c, A, b, G, h, lo, hi = d
-        return (Q[pattern[0]], c, A[pattern[1]], b, G[pattern[2]], h, lo, hi)
+        return tuple(jnp.asarray(a) for a in (Q[pattern[0]], c, A[pattern[1]], b,
+                                              G[pattern[2]], h, lo, hi))
 
-    stacked = [jnp.asarray(np.stack(x)) for x in zip(*map(values_of, datas), strict=True)]
+    singles = [values_of(d) for d in datas]
+    stacked = [jnp.stack(x) for x in zip(*singles, strict=True)]
     w = jnp.asarray(np.random.default_rng(3).standard_normal(N))
 
     def loss(*vals):
         return w @ sparse_solve(*vals, *idx, method=method).y
 
+    return stacked, singles, loss
+
+
+@METHODS
+def test_vmap_equals_loop(method):
+    stacked, singles, loss = batch((0, 1, 2), method)
     batched = jax.vmap(jax.value_and_grad(loss, argnums=(1, 5)))(*stacked)
-    for j, d in enumerate(datas):
-        single = jax.value_and_grad(loss, argnums=(1, 5))(*(jnp.asarray(a) for a in values_of(d)))
+    for j, values in enumerate(singles):
+        single = jax.value_and_grad(loss, argnums=(1, 5))(*values)
         np.testing.assert_allclose(batched[0][j], single[0], rtol=1e-9, atol=1e-10)
         for a, b_ in zip(batched[1], single[1], strict=True):
             np.testing.assert_allclose(a[j], b_, rtol=1e-8, atol=1e-9)
@@ -443,20 +451,7 @@ def test_direct_host_cache_eviction_and_superlu(monkeypatch):
     answer; so does SciPy's SuperLU in place of QDLDL."""
     from bilevel_jax._src import sparse_linalg as sl
 
-    datas = [problem(s) for s in (0, 1)]
-    pattern = [np.any([d[i] != 0 for d in datas], axis=0) for i in (0, 2, 4)]
-    idx = tuple(jnp.asarray(np.argwhere(m)) for m in pattern)
-
-    def values_of(d):
-        Q, c, A, b, G, h, lo, hi = d
-        return (Q[pattern[0]], c, A[pattern[1]], b, G[pattern[2]], h, lo, hi)
-
-    stacked = [jnp.asarray(np.stack(x)) for x in zip(*map(values_of, datas), strict=True)]
-    w = jnp.asarray(np.random.default_rng(3).standard_normal(N))
-
-    def loss(*vals):
-        return w @ sparse_solve(*vals, *idx, method="direct").y
-
+    stacked, _, loss = batch((0, 1), "direct")
     grad = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(1, 5))))
     expected = grad(*stacked)
     monkeypatch.setattr(sl, "_CACHE_SIZE", 1)
