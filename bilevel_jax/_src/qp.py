@@ -657,10 +657,10 @@ def _prepare_sparse(qp: _QP, valid) -> _SparsePrepared:
     """The shift of ``Q_d = Q + delta I`` as :func:`_prepare` chooses it, for sparse data.
 
     From the pivots of the sparse factorisation of ``K(0, 2)`` (the constraint rows masked
-    out: its inertia is that of ``Q_d``): ``delta = 10 eps (1 + max|Q|)``, or ``sqrt(eps) (1 + max|Q|)`` with
-    three refinement steps per solve when a pivot is below ``sqrt(eps) (1 + max|Q|)``;
-    ``convex`` when ``Q_d`` then has ``n`` positive pivots (the inertia of the
-    quasi-definite matrix).
+    out: its inertia is that of ``Q_d``): ``delta = 10 eps (1 + max|Q|)``, or
+    ``sqrt(eps) (1 + max|Q|)`` with three refinement steps per solve when a pivot is below
+    ``sqrt(eps) (1 + max|Q|)``; ``convex`` when ``Q_d`` then has ``n`` positive pivots (the
+    inertia of the quasi-definite matrix).
     """
     Q, c, A, _, G, _ = qp
     dtype, n = c.dtype, c.shape[0]
