@@ -15,26 +15,25 @@ For each size, one run times the hypergradient ``dF/dx`` (forward solve + backwa
 and the relative error ``||g - g_ref|| / ||g_ref||`` against an exact float64 reference that
 shares no code with bilevel_jax: a Clarabel solve (through CVXPY) polished on its active set,
 then the KKT system on that set in NumPy. It prints a table of medians and ratios and saves
-it under ``bench/results/``. Threads are pinned (XLA and BLAS) for stable timings.
+it under ``bench/results/``. On the CPU threads are pinned (XLA and BLAS) for stable timings.
 
 Usage::
 
     python bench/qp_hypergrad.py                         # dy in {50, 100, 200, 500, 1000}
     python bench/qp_hypergrad.py --dy 200 --batch 64     # vmap over 64 upper-level points
     python bench/qp_hypergrad.py --small                 # a quick smoke run
+    python bench/qp_hypergrad.py --device gpu --dy 200 --batch 1024 --dtype float64 float32
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 
-# Pin every method to one core (as in the paper's timings) and to single-threaded kernels.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-if hasattr(os, "sched_setaffinity"):
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+import _device
+
+# On the CPU, every method pinned to one core (as in the paper's timings) and to
+# single-threaded kernels; ``--device gpu`` runs on the GPU.
+DEVICE = _device.select()
 
 import pathlib  # noqa: E402
 import time  # noqa: E402
@@ -226,6 +225,7 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per method and size")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--small", action="store_true", help="dy=20, dx=10, 3 reps")
+    _device.add_option(parser)
     parser.add_argument("--out", default=None, help="file for the table (default bench/results)")
     args = parser.parse_args(argv)
     if args.small:
@@ -234,7 +234,8 @@ def main(argv=None):
     rows = run(args.dy, args.dx, args.batch, dtypes, args.reps, args.budget, args.seed)
     header = (f"Problem L.1, dx={args.dx}, m=dy/5, seed {args.seed}, "
               f"{'batch ' + str(args.batch) if args.batch else 'single problem'}, "
-              f"device {jax.devices()[0].device_kind} (one core); "
+              f"device {jax.devices()[0].device_kind}"
+              f"{' (one core)' if DEVICE == 'cpu' else ''}; "
               "time per hypergradient (forward+backward), "
               "ratio = median / median of bj.solve_qp[implicit]; error vs float64 KKT reference")
     table = format_table(rows, header)

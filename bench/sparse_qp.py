@@ -37,12 +37,14 @@ import argparse
 import os
 import sys
 
+import _device
+
 
 def _args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    _device.add_option(ap)
     ap.add_argument("--float32", action="store_true", help="also time and check float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-mpax", action="store_true")
@@ -59,14 +61,7 @@ def _args():
 
 ARGS = _args() if __name__ == "__main__" else None
 if ARGS is not None:
-    os.environ["JAX_PLATFORMS"] = ARGS.device if ARGS.device == "cpu" else "cuda"
-    if ARGS.device == "cpu":
-        # Pin every method to one core and to single-threaded kernels (as qp_hypergrad.py).
-        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
-        for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(_var, "1")
-        if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    _device.select()  # (one pinned core on the CPU)
 
 import time  # noqa: E402
 import warnings  # noqa: E402
