@@ -637,7 +637,7 @@ class _SparsePrepared(NamedTuple):
     singular: Array
     delta: Array
     convex: Array
-    d2: Array  # regularisation of the kept multiplier rows (see _factor)
+    d2: Array  # regularisation of the multiplier block of K (see _prepare_sparse)
     pattern: Array  # the host's token for the pattern of K (sparse_linalg.pattern)
 
 
@@ -684,7 +684,7 @@ def _prepare_sparse(qp: _QP, valid) -> _SparsePrepared:
     # 0.45 s of 3.8 s and changed no iteration count)
     refine = jnp.where(healthy, 0, 3).astype(jnp.int32)
     delta = jnp.where(healthy, 10 * eps, eps**0.5) * scale
-    # (a relative 1e-2 sqrt(eps) of float64 on the kept multiplier rows: the host
+    # (a relative 1e-2 sqrt(eps) of float64 on the multiplier block: the host
     # factorises in float64, and refinement on the exact matrix removes the bias)
     d2 = (_regularisation(jnp.float64) * (1 + _amaxes(C)[0] ** 2)).astype(dtype)
     return _SparsePrepared(Q, C, jnp.zeros_like(c), refine, ~healthy, delta, positive == n, d2,
