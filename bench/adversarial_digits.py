@@ -77,10 +77,10 @@ Evaluation: SA = clean test accuracy; RA = accuracy under PGD-50-10 (50 sign ste
 restart fails), mean +- std over seeds (5 by default).
 
 Usage: ``python bench/adversarial_digits.py [--small] [--seeds N] [--epochs E] [--eps 0.1 0.2]
-[--out PATH]``. ``--small`` (300 training examples, 2 epochs of batch 16 at learning rate
-1e-2, 1 seed, eps = 0.2, PGD-10-1) trains in seconds, takes about a minute with compilation,
-and saves nothing; the full run (about 13 CPU minutes on one core: 752 s CPU, 21 min wall
-on a shared 2-core machine) saves the table to
+[--out PATH] [--device cpu|gpu]``. ``--small`` (300 training examples, 2 epochs of batch 16
+at learning rate 1e-2, 1 seed, eps = 0.2, PGD-10-1) trains in seconds, takes about a minute
+with compilation, and saves nothing; the full run (about 13 CPU minutes on one core: 752 s
+CPU, 21 min wall on a shared 2-core machine) saves the table to
 ``bench/results/adversarial_digits.txt`` and the plot to ``adversarial_digits.png``.
 """
 
@@ -92,12 +92,10 @@ import os
 import sys
 import time
 
-if __name__ == "__main__":  # pin one core and XLA's CPU threads (before jax is imported)
-    os.environ.setdefault(
-        "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    )
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+import _device
+
+if __name__ == "__main__":  # before JAX starts; bench/ is on sys.path when run as a script
+    _device.select()  # (on the CPU: one pinned core, single-threaded kernels)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -639,6 +637,7 @@ def main(argv=None):
     parser.add_argument("--baselines-only", action="store_true",
                         help="only clean, AT and TRADES (saved as "
                         "adversarial_digits_baselines.txt, with a bar chart)")
+    _device.add_option(parser)
     args = parser.parse_args(argv)
     if args.baselines_only:
         return baselines_only(args)
@@ -675,7 +674,8 @@ def main(argv=None):
         f"Adam {lr:g} cosine, batch {batch}, {epochs} epochs, {seeds} seed(s) (mean +- std); "
         f"lambda_a = {LAMBDA_A}, 10 PGD / projected-gradient lower-level steps; "
         f"RA under PGD-{eval_steps}-{eval_restarts}; our sigma_q^2 = {SIGMA_SCALE:g} x the "
-        f"paper's column value. Device {jax.devices()[0].platform}, one pinned core, "
+        f"paper's column value. Device {jax.devices()[0].platform}"
+        f"{', one pinned core' if jax.devices()[0].platform == 'cpu' else ''}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; compile s / run s (training of all "
         f"seeds and sigmas of a row group, vmapped) / eval s for the last eps (wall clock, on "
         f"a shared machine); total {total:.0f} s wall, {cpu:.0f} s CPU.")

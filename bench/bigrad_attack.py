@@ -35,8 +35,8 @@ are not published in enough detail to copy, so the setup is ours:
   Reported: test accuracy (%) mean +- std over seeds.
 
 Usage: ``python bench/bigrad_attack.py [--small] [--seeds N] [--epochs E] [--n-train N]
-[--pgd-steps S] [--name STEM]``; the full run saves ``bench/results/STEM.txt`` and
-``STEM.png`` (default ``bigrad_attack``).
+[--pgd-steps S] [--name STEM] [--device cpu|gpu]``; the full run saves
+``bench/results/STEM.txt`` and ``STEM.png`` (default ``bigrad_attack``).
 """
 
 from __future__ import annotations
@@ -46,12 +46,17 @@ import importlib.util
 import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+import _device
 
-import bilevel_jax as bj
+if __name__ == "__main__":  # before JAX starts; bench/ is on sys.path when run as a script
+    _device.select()  # (on the CPU: one pinned core, single-threaded kernels)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import bilevel_jax as bj  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SPEC = importlib.util.spec_from_file_location("adversarial_digits_bench",
@@ -252,7 +257,7 @@ def format_table(results, *, epochs, seeds, epsilons, pgd_steps, n_train, n_test
         f"encoder 64-{D} tanh + layer + linear head, clean training ({epochs} epochs), "
         f"layers from L = {l0} I, "
         f"{seeds} seeds; test accuracy (%) under FGSM and PGD-{pgd_steps} of strength eps "
-        "(L-inf, pixels in [0, 1]).",
+        f"(L-inf, pixels in [0, 1]); device {jax.devices()[0].platform}.",
         "",
         "| attack | eps | " + " | ".join(LABEL[m] for m in results) + " |",
         "|---|---|" + "---|" * len(results),
@@ -317,6 +322,7 @@ def main(argv=None):
     parser.add_argument("--pgd-steps", type=int, default=10)
     parser.add_argument("--name", default="bigrad_attack", help="output file name stem")
     parser.add_argument("--l0", type=float, default=L0, help="initial L = l0 I")
+    _device.add_option(parser)
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     if args.small:

@@ -24,7 +24,8 @@ import sys
 
 import _device
 
-DEVICE = _device.select()
+if __name__ == "__main__":  # before JAX starts (importing this file configures nothing)
+    _device.select()
 
 import time  # noqa: E402
 

@@ -30,10 +30,10 @@ Experiments (``--exp``):
 * ``alpha`` (exp3): ``alpha^2`` in ``--alpha2``: final loss, gradient error against the
   exact rule along the run, time per step.
 
-Every method runs in float64 on one pinned core (XLA and BLAS threads; the idlest allowed
-core, so that benchmarks sharing a machine do not all queue on the first one). Each
-experiment prints its table and, unless ``--small``, saves
-``bench/results/f2cba_l1_<exp><tag>.txt`` and a PNG next to it.
+Every method runs in float64; ``--device gpu`` runs it on a GPU, the default ``--device cpu``
+on one pinned core (XLA and BLAS threads; the idlest allowed core, so that benchmarks sharing
+a machine do not all queue on the first one). Each experiment prints its table and, unless
+``--small``, saves ``bench/results/f2cba_l1_<exp><tag>.txt`` and a PNG next to it.
 
 The instance is ``bj.problems.kornowski_l1`` (NumPy ``RandomState(seed)``, the authors' draw
 order); the authors draw with ``torch.rand``, so seed 1 here is not their instance and the
@@ -64,39 +64,11 @@ algorithm's ``step``; note that it solves the lower level with ``bj.argmin``, no
 from __future__ import annotations
 
 import argparse
-import os
 
+import _device
 
-def _idlest_core() -> int:
-    """The allowed core with the most idle time over 0.3 s (``/proc/stat``), else the first.
-
-    On a shared machine every benchmark pinning itself to the first core would queue behind
-    the others on that core while the rest stay idle.
-    """
-    import time
-
-    allowed = sorted(os.sched_getaffinity(0))
-
-    def idle():
-        with open("/proc/stat") as f:
-            rows = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
-        return {int(r[0][3:]): int(r[4]) + int(r[5]) for r in rows}
-
-    try:
-        before = idle()
-        time.sleep(0.3)
-        after = idle()
-        return max(allowed, key=lambda c: after.get(c, 0) - before.get(c, 0))
-    except (OSError, ValueError, IndexError):
-        return allowed[0]
-
-
-if __name__ == "__main__":  # pin every method to one core, as in the paper's timings
-    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_var, "1")
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {_idlest_core()})
+if __name__ == "__main__":  # before JAX starts; bench/ is on sys.path when run as a script
+    _device.select()  # (on the CPU: one pinned core, the idlest, as in the paper's timings)
 
 import pathlib  # noqa: E402
 import time  # noqa: E402
@@ -443,7 +415,8 @@ def exp_timing(args):
                              bad=0, loss=float("nan")))
             print(f"  dy={dy} cvxpylayers: {np.median(times):.3f} s/step", flush=True)
     lines = [f"exp2: time per Adam step (forward solve + hypergradient + update), Problem L.1 "
-             f"dx={args.dx}, m=dy/5, seed {args.seeds[0]}, float64, one pinned core, "
+             f"dx={args.dx}, m=dy/5, seed {args.seeds[0]}, float64, "
+             f"{'one pinned core, ' if jax.devices()[0].platform == 'cpu' else ''}"
              f"{jax.devices()[0].device_kind}; median of {args.timing_steps} steps along the run "
              f"from x0 (fewer, at least 3, past {args.budget:g} s; cvxpylayers {args.cvx_steps}, "
              "a third at dy>=800), compile apart; wall and CPU (process) time, 'x cvx' = "
@@ -520,7 +493,8 @@ def exp_alpha(args):
              "(median over steps, then over seeds; 'abs' without the division); 'exact F' = the "
              "implicit-rule run's final loss (the alpha -> 0 limit), 'gap' = mean over seeds of "
              "F2CBA's final F minus it; 'max|dF_t|' = largest distance between the two loss "
-             "curves; ms/step = median of the timed Adam step (first seed)",
+             "curves; ms/step = median of the timed Adam step (first seed, "
+             f"{jax.devices()[0].device_kind})",
              f"{'dy':>5} {'alpha^2':>8} {'final F':>9} {'exact F':>9} {'gap':>9} "
              f"{'max|dF_t|':>9} {'err med':>9} {'abs med':>9} {'err max':>9} {'err t=0':>9} "
              f"{'ms/step':>8} {'!ok':>4}"]
@@ -576,7 +550,8 @@ def exp_dys(args):
     lines = [f"exp1 at every d_y: Problem L.1 dx={args.dx}, m=dy/5, F2CBA (qp-penalty, "
              f"alpha=0.1), Adam lr 0.01, seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}); "
              f"{args.steps} steps for dy <= 200, {min(args.steps, args.large_steps)} for dy >= "
-             "500 (to fit the run in ~15 min on a shared 2-core machine); F(x_t) exact; cells "
+             "500 (to fit the run in ~15 min on a shared 2-core machine); device "
+             f"{jax.devices()[0].device_kind}; F(x_t) exact; cells "
              "mean +- sd over seeds. Paper: curves only, 1000 iterations, average of 10 seeds "
              "(torch draws, so other instances); at dy=200 seed 1: 0.97 -> -0.84 at t=180 -> "
              "-0.892 at t=1000.",
@@ -795,6 +770,7 @@ def parse(argv=None):
                              "alpha^2 in {1e-2, 1e-4}; "
                              "nothing saved unless --out-dir")
     parser.add_argument("--out-dir", type=pathlib.Path, default=None)
+    _device.add_option(parser)
     args = parser.parse_args(argv)
     args.alpha2_given = args.alpha2 is not None
     if args.small:

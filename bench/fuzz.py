@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import _device
+
+if __name__ == "__main__":  # before JAX starts; bench/ is on sys.path when run as a script
+    _device.select()  # (on the CPU: one pinned core, single-threaded kernels)
+
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 
@@ -119,6 +122,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None,
                         help="also write the table here (it always goes to bench/results/"
                              "fuzz.txt, or fuzz_float32.txt)")
+    _device.add_option(parser)
     args = parser.parse_args(argv)
     labels = [c[0] for c in CASES] if args.families == "all" else args.families.split(",")
     unknown = set(labels) - {c[0] for c in CASES}

@@ -33,8 +33,9 @@ Methods compared:
 Reported: worst-group validation loss (exact max over groups) of each method's classifier,
 worst-group and average test accuracy, compile time and the median run time.
 
-Usage: ``python bench/group_dro.py [--small] [--reps N] [--out PATH]``. ``--small`` (used by
-a test) runs in well under 30 s; the default size in under 2 minutes on one CPU core.
+Usage: ``python bench/group_dro.py [--small] [--reps N] [--out PATH] [--device cpu|gpu]``.
+``--small`` (used by a test) runs in well under 30 s; the default size in under 2 minutes on
+one CPU core.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ import os
 import sys
 import time
 
-if __name__ == "__main__":  # pin XLA's CPU threads for timing (before jax is imported)
-    os.environ.setdefault(
-        "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    )
+import _device
+
+if __name__ == "__main__":  # before JAX starts; bench/ is on sys.path when run as a script
+    _device.select()  # (on the CPU: one pinned core, single-threaded kernels, for timing)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -316,6 +317,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="file for the table (default: "
                         "bench/results/group_dro.txt; with --small: not saved)")
+    _device.add_option(parser)
     args = parser.parse_args(argv)
     if args.small:
         sizes = dict(n_train=400, n_val=100, n_test=500, d=8)

@@ -47,7 +47,8 @@ Usage::
     python bench/maros_meszaros.py --problems HS21 QAFIRO    # a few by name
     python bench/maros_meszaros.py --max-size 400 --no-grad  # n + p + k <= 400, no gradient
 
-Threads are pinned (XLA and BLAS, one core) so that timings are comparable between runs.
+With ``--device cpu`` (the default) threads are pinned (XLA and BLAS, one core) so that
+timings are comparable between runs; ``--device gpu`` runs ``bj.solve_qp`` on a GPU.
 """
 
 from __future__ import annotations
@@ -55,12 +56,10 @@ from __future__ import annotations
 import argparse
 import os
 
-# Pin to one core and single-threaded kernels, before numpy/jax load their thread pools.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-if hasattr(os, "sched_setaffinity"):
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+import _device
+
+if __name__ == "__main__":  # before numpy/JAX start; bench/ is on sys.path as a script
+    _device.select()  # (on the CPU: one pinned core, single-threaded kernels)
 
 import pathlib  # noqa: E402
 import statistics  # noqa: E402
@@ -430,6 +429,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="solves timed (median)")
     parser.add_argument("--grad", action=argparse.BooleanOptionalAction, default=True,
                         help="check d(optimal value)/dc == y on solved problems")
+    _device.add_option(parser)
     args = parser.parse_args(argv)
 
     files = sorted(args.data.glob("*.mat"))

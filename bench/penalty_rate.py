@@ -33,20 +33,24 @@ penalty method with the continuation schedule, for the same eps; the multiplier 
 checked at each solution (``LagrangianMinimax.bound_active`` on the returned ``y2 = lam``),
 and a last row with ``Lambda = 0.25 < lam*`` shows the check firing.
 
-Usage: ``python bench/penalty_rate.py [--small] [--out DIR]``; ``--small`` (three eps, the
-smoke test) saves nothing unless ``--out`` is given.
+Usage: ``python bench/penalty_rate.py [--small] [--out DIR] [--device cpu|gpu]``; ``--small``
+(three eps, the smoke test) saves nothing unless ``--out`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import _device
+
+if __name__ == "__main__":  # before JAX starts; bench/ is on sys.path when run as a script
+    _device.select()  # (on the CPU: one pinned core, single-threaded kernels)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -131,6 +135,7 @@ def main(argv=None):
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--max-iter", type=int, default=400000)
     parser.add_argument("--out", default=None)
+    _device.add_option(parser)
     args = parser.parse_args(argv)
     epsilons = SMALL_EPSILONS if args.small else EPSILONS
     rows = {mode: [solve(eps, mode, args.max_iter) for eps in epsilons]
@@ -211,5 +216,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     main()

@@ -33,7 +33,8 @@ import _device
 
 # On the CPU, every method pinned to one core (as in the paper's timings) and to
 # single-threaded kernels; ``--device gpu`` runs on the GPU.
-DEVICE = _device.select()
+if __name__ == "__main__":  # before JAX starts (importing this file configures nothing)
+    _device.select()
 
 import pathlib  # noqa: E402
 import time  # noqa: E402
@@ -235,7 +236,7 @@ def main(argv=None):
     header = (f"Problem L.1, dx={args.dx}, m=dy/5, seed {args.seed}, "
               f"{'batch ' + str(args.batch) if args.batch else 'single problem'}, "
               f"device {jax.devices()[0].device_kind}"
-              f"{' (one core)' if DEVICE == 'cpu' else ''}; "
+              f"{' (one core)' if jax.default_backend() == 'cpu' else ''}; "
               "time per hypergradient (forward+backward), "
               "ratio = median / median of bj.solve_qp[implicit]; error vs float64 KKT reference")
     table = format_table(rows, header)

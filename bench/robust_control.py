@@ -35,9 +35,9 @@ dynamics, sizes and protocol are not published, so this setup is ours:
   test cost is recorded every 10 steps (the learning curves).
 
 Run ``python bench/robust_control.py`` (full: horizons 10 and 30) or ``--small`` (horizon 10,
-fewer steps, one seed). Prints a table beside the paper's numbers and saves it to
-``bench/results/robust_control.txt`` and the learning curves to ``robust_control.png`` (full
-run only).
+fewer steps, one seed), on one CPU core unless ``--device gpu``. Prints a table beside the
+paper's numbers and saves it to ``bench/results/robust_control.txt`` and the learning curves
+to ``robust_control.png`` (full run only).
 """
 
 from __future__ import annotations
@@ -46,13 +46,18 @@ import argparse
 import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import scipy.linalg
+import _device
 
-import bilevel_jax as bj
+if __name__ == "__main__":  # before JAX starts; bench/ is on sys.path when run as a script
+    _device.select()  # (on the CPU: one pinned core, single-threaded kernels)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import scipy.linalg  # noqa: E402
+
+import bilevel_jax as bj  # noqa: E402
 
 PAPER = {10: (2.736, 0.2722, 0.2379), 30: (None, 0.2511, 0.2181)}
 N_STATE, N_INPUT = 4, 2
@@ -242,7 +247,7 @@ def format_table(rows, steps, batch, num_test, seeds):
         f"n=4 states, m=2 inputs, eps={EPS}, |u|<=1; both layers start from P = I, q = 0 (the "
         f"bilevel layer's adversary model from A_a = 0, i.e. w* = 0) and train every parameter; "
         f"{steps} Adam steps x {batch} trajectories, {num_test} test trajectories, "
-        f"{len(seeds)} training seeds (mean +- std)",
+        f"{len(seeds)} training seeds (mean +- std); device {jax.devices()[0].platform}",
         "",
         "| horizon | LQR | OptNet-like init | OptNet-like trained | BiGrad init | "
         "BiGrad trained | BiGrad/OptNet (per seed) | BiGrad better in | paper LQR | "
@@ -306,6 +311,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
+    _device.add_option(parser)
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     horizons = (10,) if args.small else (10, 30)

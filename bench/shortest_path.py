@@ -51,8 +51,8 @@ choices, each with a DP solve. Both ``c_x`` and ``c_y`` come from features (inde
 Metrics: accuracy of ``x`` and of ``y`` and leader regret: the true leader objective at
 ``x_hat`` (with the follower's true best response) minus that at ``x*``, over ``|F(x*)|``.
 
-Usage: ``python bench/shortest_path.py [--small] [--seeds N] [--epochs E]``; the full run
-saves ``bench/results/shortest_path.txt`` and ``shortest_path.png``.
+Usage: ``python bench/shortest_path.py [--small] [--seeds N] [--epochs E] [--device cpu|gpu]``;
+the full run saves ``bench/results/shortest_path.txt`` and ``shortest_path.png``.
 """
 
 from __future__ import annotations
@@ -61,12 +61,17 @@ import argparse
 import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+import _device
 
-import bilevel_jax as bj
+if __name__ == "__main__":  # before JAX starts; bench/ is on sys.path when run as a script
+    _device.select()  # (on the CPU: one pinned core, single-threaded kernels)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import bilevel_jax as bj  # noqa: E402
 
 P_FEATURES, DEG, NOISE = 5, 4, 0.1
 DELTA = 2.0
@@ -409,8 +414,8 @@ def format_table(results, *, k1, k2, n_train, n_test, epochs, seeds):
         "BiGrad combinatorial stand-in: shortest paths on grids with costs from a learned "
         "linear model of features (true map degree 4, noise U[0.9, 1.1]); "
         f"{n_train} train / {n_test} test instances, {epochs} epochs of Adam (batch 32), "
-        f"{seeds} seeds (mean +- std). The paper's numbers for this task are not available "
-        "to us: no paper column.",
+        f"{seeds} seeds (mean +- std); device {jax.devices()[0].platform}. The paper's "
+        "numbers for this task are not available to us: no paper column.",
         "",
     ]
     if results["single"]:
@@ -485,6 +490,7 @@ def main(argv=None):
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=None)
+    _device.add_option(parser)
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     if args.small:

@@ -40,7 +40,7 @@ UNPERTURBED ``F`` at ``x_r`` (closed form: ``y* = Proj_Y(.)``, ``Dy* = -N`` with
 the projector onto the null space of the active rows), computed in NumPy and checked against
 ``jax.grad(problem.value)`` at random points. The 10 runs of a method are one ``vmap``-ed,
 jitted ``run`` (compile time reported apart; run time = median of ``--reps`` calls, all 10
-runs together, one pinned core).
+runs together, one pinned core unless ``--device gpu``).
 
 ``--sweep`` adds the sigma sweep of [D]SIGD (``bench/results/sigd_quadratics_sweep.txt``):
 ``sigma`` in SIGMAS under the authors' slack ``a e0 / m`` and under the theorem's decaying
@@ -49,8 +49,9 @@ slack, with, per problem, the ordering of the methods by the first iteration wit
 paper's (``[D]SIGD`` first, ``[S]SIGD`` close to ``PDBO``).
 
 Usage: ``python bench/sigd_quadratics.py [--steps 100] [--runs 10] [--reps 3] [--sweep]
-[--small] [--out DIR]`` (``--small``: problem (16), 3 runs, 30 steps, three methods, for
-the smoke test; the full run with ``--sweep`` takes about 30 min on a loaded 2-core machine).
+[--small] [--out DIR] [--device cpu|gpu]`` (``--small``: problem (16), 3 runs, 30 steps,
+three methods, for the smoke test; the full run with ``--sweep`` takes about 30 min on a
+loaded 2-core machine).
 """
 
 from __future__ import annotations
@@ -58,11 +59,10 @@ from __future__ import annotations
 import argparse
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-if __name__ == "__main__" and hasattr(os, "sched_setaffinity"):  # not when a test imports it
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+import _device
+
+if __name__ == "__main__":  # not when a test imports it; bench/ is on sys.path as a script
+    _device.select()  # (on the CPU: one pinned core, single-threaded kernels)
 
 import itertools  # noqa: E402
 import pathlib  # noqa: E402
@@ -347,8 +347,9 @@ def paper_order(rows, dsigd_name):
 def header_lines(args, check):
     return [
         f"SIGD quadratic problems, {args.runs} runs x {args.steps} iterations, x0 ~ U[-3, 3]^2 "
-        f"(default_rng(1000 + i)), keys PRNGKey(i), q = 1e-3 z/||z||; float64, one pinned "
-        f"core, XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}; device {jax.devices()[0].platform}.",
+        f"(default_rng(1000 + i)), keys PRNGKey(i), q = 1e-3 z/||z||; float64, "
+        f"{'one pinned core, ' if jax.devices()[0].platform == 'cpu' else ''}"
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}; device {jax.devices()[0].platform}.",
         "Metric: closed-form ||grad F(x_r)|| of the unperturbed F; cells are median [min, max] "
         f"over runs; 'r < {THRESHOLD:g}' = first iteration with ||grad F|| < {THRESHOLD:g} "
         "(median over runs; n = runs that got there). Closed form vs jax.grad(problem.value), "
@@ -375,6 +376,7 @@ def main(argv=None):
     parser.add_argument("--small", action="store_true", help="smoke size; nothing saved "
                         "unless --out is given")
     parser.add_argument("--out", default=None)
+    _device.add_option(parser)
     args = parser.parse_args(argv)
     problems, keep = PROBLEMS, None
     if args.small:

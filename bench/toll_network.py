@@ -27,8 +27,9 @@ Metric: the relative increase of the total min-cost-flow cost, ``C(x) / C(0) - 1
 ``C(0) = c'y*(0)``; also the increase of the routing cost at the true costs,
 ``c'y*(x) / c'y*(0) - 1`` (how much the tolls divert flow to worse paths).
 
-Usage: ``python bench/toll_network.py [--seeds 0 1 2] [--iters 100] [--reps 3] [--small]``;
-the table is printed and saved to ``bench/results/toll_network.txt`` (``--out``).
+Usage: ``python bench/toll_network.py [--seeds 0 1 2] [--iters 100] [--reps 3] [--small]
+[--device cpu|gpu]``; the table is printed and saved to ``bench/results/toll_network.txt``
+(``--out``).
 """
 
 from __future__ import annotations
@@ -37,14 +38,10 @@ import argparse
 import os
 import time
 
-if __name__ == "__main__":  # pin to one core and single-threaded kernels before jax loads
-    os.environ.setdefault(
-        "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    )
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_var, "1")
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+import _device
+
+if __name__ == "__main__":  # before JAX starts; bench/ is on sys.path when run as a script
+    _device.select()  # (on the CPU: one pinned core, single-threaded kernels)
 
 import pathlib  # noqa: E402
 
@@ -169,7 +166,7 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--nodes", type=int, default=10)
@@ -182,7 +179,8 @@ def main():
     parser.add_argument("--small", action="store_true", help="one seed, 20 iterations")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"
                                              / "toll_network.txt"))
-    args = parser.parse_args()
+    _device.add_option(parser)
+    args = parser.parse_args(argv)
     if args.small:
         args.seeds, args.iters, args.steps, args.random_draws, args.reps = [0], 20, [1e-2], 5, 1
     if not all(1e-3 <= s <= 1e-2 for s in args.steps):

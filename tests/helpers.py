@@ -1,7 +1,10 @@
-"""Shared test problems with known answers, and dtype-keyed comparisons."""
+"""Shared test problems with known answers, dtype-keyed comparisons, and the bench loader."""
 
 from __future__ import annotations
 
+import importlib
+import pathlib
+import sys
 from typing import NamedTuple
 
 import jax
@@ -115,3 +118,17 @@ def nonquadratic_g(seed=0, n=5, dx=3):
         )
 
     return g
+
+
+_BENCH = str(pathlib.Path(__file__).resolve().parents[1] / "bench")
+
+
+def load_bench(name):
+    """Import ``bench/<name>.py`` as the module ``name``, as it imports when run as a script.
+
+    ``bench/`` goes on ``sys.path`` (once): the scripts import their sibling ``_device`` and
+    each other by name. Importing does not select or pin a device (only ``__main__`` does).
+    """
+    if _BENCH not in sys.path:
+        sys.path.insert(0, _BENCH)
+    return importlib.import_module(name)

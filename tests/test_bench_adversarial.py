@@ -6,9 +6,6 @@ hyperobjective (central differences, float64), plus the Hessian-free Fast-BAT ru
 closed form (masked box rule, ``H ~ 2 lambda_a I``) and against the exact rule.
 """
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,12 +13,11 @@ import pytest
 
 from bilevel_jax._src.smoothing import perturb_linear
 
+from helpers import load_bench
+
 pytest.importorskip("sklearn")
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "adversarial_digits.py"
-_SPEC = importlib.util.spec_from_file_location("adversarial_digits_bench", _PATH)
-bench = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(bench)
+bench = load_bench("adversarial_digits")
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,6 @@ match central differences. The two training runs through continuous layers are m
 ``slow`` (their compilation takes minutes on a loaded 2-core machine); CI runs them.
 """
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,18 +13,10 @@ import pytest
 
 import bilevel_jax as bj
 
-_BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
+from helpers import load_bench
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", _BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-rc = _load("robust_control")
-sp = _load("shortest_path")
+rc = load_bench("robust_control")
+sp = load_bench("shortest_path")
 
 
 def _central_difference(fun, params, direction, h=1e-5):
@@ -135,7 +124,7 @@ def test_shortest_path_training_reduces_regret():
 @pytest.fixture(scope="module")
 def ba():
     pytest.importorskip("sklearn")
-    return _load("bigrad_attack")
+    return load_bench("bigrad_attack")
 
 
 def test_bigrad_attack_layer_input_gradient_matches_central_differences(ba):

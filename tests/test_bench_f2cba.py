@@ -1,13 +1,11 @@
 """Smoke test of bench/f2cba_l1.py (F2CBA on Problem L.1): tiny sizes, a few steps."""
 
-import pathlib
-import sys
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
-f2cba_l1 = pytest.importorskip("f2cba_l1")
+from helpers import load_bench
+
+f2cba_l1 = load_bench("f2cba_l1")
 
 
 def test_small_loss_and_alpha_experiments(tmp_path):

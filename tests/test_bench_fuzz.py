@@ -1,12 +1,8 @@
 """Smoke test of bench/fuzz.py: a few problems of two families, the table written."""
 
-import pathlib
-import sys
+from helpers import load_bench
 
-import pytest
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
-fuzz = pytest.importorskip("fuzz")
+fuzz = load_bench("fuzz")
 
 
 def test_fuzz_runs_and_writes_its_table(tmp_path):

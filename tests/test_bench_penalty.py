@@ -1,13 +1,10 @@
 """Smoke tests of bench/penalty_rate.py (cost vs eps on T4) and the stochastic group-DRO run."""
 
-import pathlib
-import sys
-
 import numpy as np
-import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
-penalty_rate = pytest.importorskip("penalty_rate")
+from helpers import load_bench
+
+penalty_rate = load_bench("penalty_rate")
 
 
 def test_penalty_rate_small():
@@ -35,11 +32,11 @@ def test_penalty_rate_small():
 def test_stochastic_penalty_group_dro_small():
     """Minibatch penalty method on the small group-DRO problem: the tuned classifier beats ERM
     on the worst-group validation loss (ERM ~1.65 here, group DRO ~0.46), all finite."""
-    import group_dro as gd
     import jax.numpy as jnp
 
     from bilevel_jax._src.projections import Box
 
+    gd = load_bench("group_dro")
     train, val, test = gd.make_data(0, n_train=400, n_val=100, n_test=500, d=8)
     run = gd.stochastic_penalty_method(train, val, lam=1e-2, box=Box(-1.0, 1.0),
                                        rhos=(1.0, 10.0), steps=300)

@@ -1,14 +1,11 @@
 """Smoke test of bench/sigd_quadratics.py: the PDBO baseline and the ordering verdicts."""
 
-import pathlib
-import sys
-
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
-sigd = pytest.importorskip("sigd_quadratics")
+from helpers import load_bench
+
+sigd = load_bench("sigd_quadratics")
 
 
 def test_polygon_projection_matches_the_numpy_reference():

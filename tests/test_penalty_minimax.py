@@ -15,7 +15,7 @@ from bilevel_jax._src.penalty_minimax import (
 from bilevel_jax._src.projections import Box
 from bilevel_jax._src.types import Status
 
-from helpers import tree_allclose
+from helpers import load_bench, tree_allclose
 
 # ------------------------------------------------------------------ T4 (bilevel minimax)
 
@@ -325,13 +325,7 @@ def test_bad_input_is_named():
 def test_group_dro_benchmark_small():
     """bench/group_dro.py --small: both tuned methods beat default group DRO on the
     worst-group validation loss they minimise, and ERM on worst-group test accuracy."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / "group_dro.py"
-    spec = importlib.util.spec_from_file_location("group_dro_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("group_dro")
     rows = {row[0]: row for row in bench.main(["--small"])}
     erm = rows["ERM"]
     dro = rows["group DRO, x1 = 0, tau = 0"]
