@@ -27,6 +27,29 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_backend_optimization_level=0").strip()
 
+
+# XLA:CPU's elemental emitter instead of its MLIR fusion emitters, where this jaxlib has the
+# switch: with LLVM at level 0 the MLIR pipeline that every fused kernel goes through is most
+# of what remains of a compilation. Measured on jax.jit(jax.grad(.)) through solve_qp at
+# n = 200 (jaxlib 0.10.2): 3.5 s -> 1.3 s to compile, and the run 3.9 ms -> 2.5 ms. XLA
+# aborts the process on a flag it does not know, so a newer jaxlib that dropped the switch is
+# probed first, in a subprocess, once (the pytest workers and subprocesses inherit the result).
+def _xla_knows(flag):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " " + flag, JAX_PLATFORMS="cpu")
+    probe = "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()"
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                          timeout=120).returncode == 0
+
+
+_EMITTER = "--xla_cpu_use_fusion_emitters=false"
+if os.environ.get("BILEVEL_JAX_TEST_EMITTER") is None:
+    os.environ["BILEVEL_JAX_TEST_EMITTER"] = _EMITTER if _xla_knows(_EMITTER) else ""
+if os.environ["BILEVEL_JAX_TEST_EMITTER"] and _EMITTER not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + _EMITTER
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

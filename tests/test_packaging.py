@@ -138,7 +138,9 @@ def test_run_verbose_print(capsys):
     assert capsys.readouterr().out == ""
     x, history = _run("print")
     out = capsys.readouterr().out.splitlines()
-    np.testing.assert_array_equal(x, x_quiet)  # the display does not change the result
+    # The display does not change the result: the same iterates, up to the last bit that a
+    # differently compiled program (the callback in the loop) may round otherwise.
+    np.testing.assert_allclose(x, x_quiet, rtol=8 * np.finfo(x.dtype).eps, atol=0)
     steps = [int(line.split()[1].split("/")[0]) for line in out if line.startswith("step")]
     assert steps == [1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
     assert out[-1].startswith("20 steps in")

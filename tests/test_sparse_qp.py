@@ -419,14 +419,14 @@ def test_direct_factorisation_of_a_dense_row(backend, monkeypatch):
     def values(Q, C, repeat=1):  # (repeat: every entry of C given ``repeat`` times, summed)
         Qo, Co = Q.tocoo(), C.tocoo()
         Cd, Cr, Cc = (np.tile(a, repeat) for a in (Co.data / repeat, Co.row, Co.col))
-        return sl._values(Qo.data, Qo.row, Qo.col, Cd, Cr, Cc, (Q.shape, C.shape))[1]
+        return sl._values(Qo.data, Qo.row, Qo.col, Cd, Cr, Cc, (Q.shape, C.shape))
 
     v = values(Q, C)
     assert v.pattern.upper == (backend == "qdldl")
     f = sl._Factor(v, m, e, 1e-12, 1e-10, inertia=True)
     assert f.ok and f.positive == n and f.pivot > 0
     if backend == "qdldl":
-        assert v.pattern.solvers[0][0].factors()[0].nnz < 20 * n
+        assert v.pattern.qdldl_solver.factors()[0].nnz < 20 * n
     else:
         assert f.lu.L.nnz + f.lu.U.nnz < 20 * n
     rng = np.random.default_rng(0)

@@ -131,7 +131,6 @@ _PATTERNS: collections.OrderedDict = collections.OrderedDict()  # token -> _Valu
 _PATTERNS_SIZE = 8
 _LOCK = threading.Lock()
 _TOKENS = itertools.count(1)
-_SOLVERS_PER_PATTERN = 1  # QDLDL solvers per pattern (a second one costs a new ordering)
 
 
 def _qdldl():
@@ -192,23 +191,21 @@ class _Pattern:
         seen = np.zeros(keys.size, bool)
         seen[self.c_at[0]] = True
         self.c_distinct = int(seen.sum()) == self.c_at[0].size
-        self.solvers: list = []  # [QDLDL solver, the _Factor it holds], most recent first
+        # One QDLDL solver per pattern (a second one would cost a second ordering), and the
+        # _Factor whose values it holds now: a solve for another factor refactorises first.
+        self.qdldl_solver, self.held = None, None
         self.lock = threading.Lock()  # (callbacks may run on several threads: shard_map)
 
     def solver(self, f, qdldl):
-        """A QDLDL solver holding ``f``'s factors (refactorised if none holds them)."""
-        for i, (s, held) in enumerate(self.solvers):
-            if held is f:
-                self.solvers.insert(0, self.solvers.pop(i))
-                return s
-        K = f.values.matrix(*f.weights)
-        if len(self.solvers) < _SOLVERS_PER_PATTERN:
-            s = qdldl.Solver(K, upper=True)  # (orders and analyses the pattern)
-        else:
-            s = self.solvers.pop()[0]
-            s.update(K, upper=True)
-        self.solvers.insert(0, [s, f])
-        return s
+        """The QDLDL solver, holding ``f``'s factors (refactorised if it holds another's)."""
+        if self.held is not f:
+            K = f.values.matrix(*f.weights)
+            if self.qdldl_solver is None:
+                self.qdldl_solver = qdldl.Solver(K, upper=True)  # (orders, analyses)
+            else:
+                self.qdldl_solver.update(K, upper=True)
+            self.held = f
+        return self.qdldl_solver
 
 
 class _Values:
@@ -291,10 +288,7 @@ class _Factor:
 
 
 def _values(Qd, Qr, Qc, Cd, Cr, Cc, shapes):
-    """``(token, values)``: these arrays' :class:`_Values`, registered in :data:`_PATTERNS`.
-
-    Their :class:`_Pattern` comes from :data:`_STRUCTURES` when the indices were seen.
-    """
+    """These arrays' :class:`_Values` (on the :class:`_Pattern` kept for their indices)."""
     indices = (Qr, Qc, Cr, Cc)
     upper = _qdldl() is not None
     pattern = None
@@ -309,31 +303,34 @@ def _values(Qd, Qr, Qc, Cd, Cr, Cc, shapes):
         pattern = _Pattern(*indices, shapes, upper)
         with _LOCK:
             _STRUCTURES.append(((shapes, upper), tuple(np.array(a) for a in indices), pattern))
-    values = _Values(pattern, Qd, Cd)
+    return _Values(pattern, Qd, Cd)
+
+
+def _remember(cache, size, item):
+    """A new token for ``item`` in the LRU ``cache`` (``size`` entries at most)."""
     with _LOCK:
-        pid = next(_TOKENS) % (2**31 - 1)
-        _PATTERNS[pid] = values
-        while len(_PATTERNS) > _PATTERNS_SIZE:
-            _PATTERNS.popitem(last=False)
-    return pid, values
+        token = next(_TOKENS) % (2**31 - 1)
+        cache[token] = item
+        while len(cache) > size:
+            cache.popitem(last=False)
+    return np.int32(token)
 
 
 def _host_pattern(Qd, Qr, Qc, Cd, Cr, Cc, *, shapes):
-    return np.int32(_values(Qd, Qr, Qc, Cd, Cr, Cc, shapes)[0])
+    return _remember(_PATTERNS, _PATTERNS_SIZE, _values(Qd, Qr, Qc, Cd, Cr, Cc, shapes))
 
 
 def _new_factor(values, m, e, d1, d2, inertia, dtype):
     f = _Factor(values, np.float64(m), np.float64(e), float(d1), float(d2), inertia)
-    with _LOCK:
-        token = next(_TOKENS) % (2**31 - 1)
-        _CACHE[token] = f
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return (np.int32(token), np.int32(f.positive), np.asarray(f.pivot, dtype))
+    token = _remember(_CACHE, _CACHE_SIZE, f)
+    return token, np.int32(f.positive), np.asarray(f.pivot, dtype)
 
 
+# The fallbacks that receive the data (:func:`factor`, :func:`solve`, after an eviction)
+# register nothing in _PATTERNS: under a vmapped batch larger than the cache, registering
+# there would evict the values of live calls and cause more fallbacks.
 def _host_factor(Qd, Qr, Qc, Cd, Cr, Cc, m, e, d1, d2, *, shapes, inertia):
-    values = _values(Qd, Qr, Qc, Cd, Cr, Cc, shapes)[1]
+    values = _values(Qd, Qr, Qc, Cd, Cr, Cc, shapes)
     return _new_factor(values, m, e, d1, d2, inertia, Qd.dtype)
 
 
@@ -345,23 +342,29 @@ def _host_factor_cached(pid, m, e, d1, d2, *, inertia):
     return *_new_factor(saved, m, e, d1, d2, inertia, m.dtype), np.bool_(True)
 
 
-def _host_solve_cached(token, r1, r2):
+def _apply(f, r1, r2):
+    x1, x2 = f.apply_inverse(np.float64(r1), np.float64(r2))
+    return x1.astype(r1.dtype), x2.astype(r2.dtype)
+
+
+def _cached(token):
     with _LOCK:
-        f = _CACHE.get(int(token))
+        return _CACHE.get(int(token))
+
+
+def _host_solve_cached(token, r1, r2):
+    f = _cached(token)
     if f is None:  # evicted: :func:`solve` calls _host_solve with the data
         return np.full_like(r1, np.nan), np.full_like(r2, np.nan), np.bool_(False)
-    x1, x2 = f.apply_inverse(np.float64(r1), np.float64(r2))
-    return x1.astype(r1.dtype), x2.astype(r2.dtype), np.bool_(True)
+    return *_apply(f, r1, r2), np.bool_(True)
 
 
 def _host_solve(token, Qd, Qr, Qc, Cd, Cr, Cc, m, e, d1, d2, r1, r2, *, shapes):
-    with _LOCK:
-        f = _CACHE.get(int(token))
+    f = _cached(token)
     if f is None:  # evicted: factorise again from the data
-        values = _values(Qd, Qr, Qc, Cd, Cr, Cc, shapes)[1]
+        values = _values(Qd, Qr, Qc, Cd, Cr, Cc, shapes)
         f = _Factor(values, np.float64(m), np.float64(e), float(d1), float(d2))
-    x1, x2 = f.apply_inverse(np.float64(r1), np.float64(r2))
-    return x1.astype(r1.dtype), x2.astype(r2.dtype)
+    return _apply(f, r1, r2)
 
 
 def _parts(Q: SparseMatrix, C: SparseMatrix):
