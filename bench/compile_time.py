@@ -28,7 +28,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import _device
 
@@ -47,12 +46,11 @@ def worker(library: str, dy: int, later: int) -> dict:
     """In a fresh process: the first call's time, the median later call, the gradient."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
+    from qp_hypergrad import l1_problem, time_method, upper  # (jax_enable_x64 on import)
 
     import bilevel_jax as bj
 
-    jax.config.update("jax_enable_x64", True)
-    prob = bj.problems.kornowski_l1(1, 100, dy, "uniform")[1]
+    prob = l1_problem(1, 100, dy)
     Q, P, A, b, c = (jnp.asarray(prob[k]) for k in ("Q", "P", "A", "b", "c"))
 
     if library == "bilevel_jax":
@@ -66,21 +64,9 @@ def worker(library: str, dy: int, later: int) -> dict:
         def lower(x):
             return qpax.solve_qp_primal(Q, P.T @ x, A0, b0, A, b)
 
-    def upper(x):  # qp_hypergrad.py's upper level
-        y = lower(x)
-        return c @ y + 0.01 * x @ x + 0.01 * y @ y
-
-    fn = jax.jit(jax.grad(upper))
-    x = jnp.asarray(prob["x0"])
-    start = time.perf_counter()
-    grad = jax.block_until_ready(fn(x))
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(later):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        times.append(time.perf_counter() - start)
-    return dict(first=first, later=float(np.median(times)), grad=np.asarray(grad).tolist(),
+    fn = jax.jit(jax.grad(lambda x: upper(x, lower(x), c)))
+    grad, first, median, _ = time_method(fn, jnp.asarray(prob["x0"]), later, budget=60.0)
+    return dict(first=first, later=median, grad=grad.tolist(),
                 device=jax.devices()[0].device_kind)
 
 
