@@ -12,7 +12,7 @@ the iteration ends in a few rounds), then ``(I + 0.2 L)_FF w_F = w_F`` on the fi
 
 Usage::
 
-    python bench/box_qp.py --float32                          # n = 1e4, 1e5 on one core
+    python bench/box_qp.py --float32                     # n = 1e3, 1e4, 1e5 on one core
     python bench/box_qp.py --device gpu --sizes 1000000 4000000 16000000 --float32
 """
 
@@ -133,7 +133,7 @@ def rel(got, want):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--float32", action="store_true", help="also float32")
     ap.add_argument("--seed", type=int, default=0)

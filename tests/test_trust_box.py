@@ -241,3 +241,47 @@ def test_dsigd_defaults_converge():
     assert _dsigd_distance() < 1e-3
     paper = _dsigd_distance(sigma=1.0, slack=1.0, slack_rule="backtracks")
     assert paper > 0.05
+
+
+
+def _box_gradients(H, w, theta, y0, lo, hi):
+    """d(w'y*)/dtheta with the automatic and with the Cholesky adjoint solve, and y*."""
+    def g(y, th):
+        return 0.5 * y @ (H @ y) - th @ y
+
+    def loss(th, linear_solver):
+        sol = bj.argmin(g, y0, th, box=lambda _: (lo, hi), linear_solver=linear_solver)
+        return w @ sol.y, sol
+
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+    (auto, sol), (dense, _) = grad(theta, "auto"), grad(theta, "cholesky")
+    assert int(sol.info.status) == bj.Status.SUCCESS
+    return np.asarray(auto), np.asarray(dense), np.asarray(sol.y)
+
+
+def test_box_adjoint_cg_first_then_dense_where_cg_fails():
+    """``linear_solver="auto"`` on a box adjoint of more than 200 coordinates: CG first (a
+    well-conditioned tridiagonal Hessian, two thirds of the coordinates at a bound), the
+    dense factorisation where CG does not converge in ``n`` steps (a condition number of
+    1e4, no bound active). Both agree with the Cholesky rule and with the derivative on the
+    free set, ``H_FF u_F = w_F``."""
+    n = 256
+    rng = np.random.default_rng(0)
+    w, theta = (jnp.asarray(rng.standard_normal(n)) for _ in range(2))
+    L = 2 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+    orth = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    ill = orth @ np.diag(np.logspace(0, 4, n)) @ orth.T
+    # (the second system is one that CG does not solve to its tolerance in n steps)
+    cg = ls.linear_solve(lambda v: jnp.asarray(ill) @ v, w, method="cg", structure="spd",
+                         max_iter=n)
+    assert not bool(cg.converged)
+    cases = ((np.eye(n) + 0.2 * L, jnp.zeros(n), 0.3),
+             (ill, jnp.asarray(np.linalg.solve(ill, np.asarray(theta))), 1e3))
+    for H, y0, bound in cases:
+        auto, dense, y = _box_gradients(jnp.asarray(H), w, theta, y0, -bound, bound)
+        free = np.abs(y) < bound - 1e-9
+        want = np.zeros(n)
+        want[free] = np.linalg.solve(H[np.ix_(free, free)], np.asarray(w)[free])
+        scale = np.linalg.norm(want)
+        assert np.linalg.norm(auto - dense) <= 1e-10 * scale
+        assert np.linalg.norm(auto - want) <= 1e-10 * scale

@@ -1327,9 +1327,9 @@ def solve_forward(theta, init, warm, polish, ridge, tol, max_iter):
     z = _unscale(scaling, out.y, out.nu, out.lam)
     residual = out.residual
 
-    def skip():
-        shapes = jax.eval_shape(_polish, qp, pre, out, valid, ridge, tol)
-        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    def skip():  # (_polish's outputs, zero: the point, whether accepted, the mask)
+        z = tuple(jnp.zeros(a.shape, a.dtype) for a in (out.y, out.nu, out.lam))
+        return z, jnp.zeros((), bool), jnp.zeros(valid.shape, bool)
 
     polish = polish & (out.flag != _PINF) & (out.flag != _DINF) & pre.convex
     z_p, ok, _ = vma.cond(polish, lambda: _polish(qp, pre, out, valid, ridge, tol), skip)
