@@ -12,7 +12,7 @@ process (``--worker``), under each of three ``XLA_FLAGS`` settings:
 
 The settings, the libraries and the repetitions are interleaved, so machine noise falls on
 all of them alike. Printed: the median first call (compile plus one run), the median later
-call, and the hypergradient's largest relative difference from bilevel_jax's under the
+call, and the hypergradient's relative difference (2-norm) from bilevel_jax's under the
 default flags in the same run (the flags change the compiled code, not the arithmetic's
 semantics). No compilation cache is used.
 
